@@ -1,0 +1,187 @@
+"""The array-module abstraction: the only place that imports numpy or cupy for compute.
+
+Model code never names an array library. It asks for one:
+
+    xp = get_xp(x)          # numpy or cupy, whichever owns ``x``
+    y = xp.maximum(x, 0)
+
+and converts only at the boundaries (``to_numpy`` for saving and plotting, ``to_device`` for
+inputs). The pattern is CuPy's ``get_array_module``; SciPy calls the same idea an array namespace.
+
+Default backend: ``TINYDIFF_BACKEND=numpy|cupy`` in the environment, or ``set_backend(name)``.
+Dtype policy: float32 for training and sampling; float64 for gradient checks and references.
+Randomness: every random draw that decides *what* is computed (initial noise, dropout masks,
+parameter initialisation) comes from a NumPy ``Generator`` on the CPU and is then moved to the
+device, so the same seed gives the same numbers on either backend.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+import scipy.special
+
+BACKENDS = ("numpy", "cupy")
+DEFAULT_DTYPE = np.float32  # training and sampling
+CHECK_DTYPE = np.float64  # gradient checks and closed-form references
+
+GPU_INSTALL_HINT = (
+    'install the GPU extra: pip install "tinydiff[gpu]" (CuPy for CUDA 12; for CUDA 13 '
+    "install cupy-cuda13x instead)"
+)
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot be used, or arrays of two backends were mixed."""
+
+
+def _import_cupy() -> ModuleType:
+    """Import CuPy and check that a GPU is visible; raise BackendError naming the fix if not."""
+    try:
+        import cupy
+    except ImportError as err:
+        raise BackendError(f"backend 'cupy' requested but CuPy is not installed; {GPU_INSTALL_HINT}") from err
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # CUDA driver missing or broken: CuPy raises its own runtime errors
+        raise BackendError(f"backend 'cupy' requested but no usable CUDA GPU was found ({err})") from err
+    if count == 0:
+        raise BackendError("backend 'cupy' requested but no CUDA GPU is visible")
+    return cupy
+
+
+def cupy_status() -> str:
+    """One line saying whether CuPy and a GPU are usable here (for ``tinydiff info``)."""
+    try:
+        cupy = _import_cupy()
+    except BackendError as err:
+        return f"not usable: {err}"
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return f"CuPy {cupy.__version__}, GPU 0: {name}"
+
+
+def _module_for(name: str) -> ModuleType:
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        return _import_cupy()
+    raise BackendError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+_default_name = os.environ.get("TINYDIFF_BACKEND", "numpy").strip().lower() or "numpy"
+if _default_name not in BACKENDS:
+    raise BackendError(
+        f"TINYDIFF_BACKEND={_default_name!r} is not a backend; valid backends: {', '.join(BACKENDS)}"
+    )
+
+
+def set_backend(name: str) -> None:
+    """Choose the default backend for new arrays ('numpy' or 'cupy'); checks it is usable."""
+    global _default_name
+    _module_for(name)  # raises a clear error if unknown or unusable
+    _default_name = name
+
+
+def get_backend() -> str:
+    """Name of the default backend."""
+    return _default_name
+
+
+def default_xp() -> ModuleType:
+    """The array module of the default backend."""
+    return _module_for(_default_name)
+
+
+def backend_of(x) -> str:
+    """'cupy' for a CuPy array, else 'numpy' (NumPy arrays, Python scalars)."""
+    return "cupy" if type(x).__module__.startswith("cupy") else "numpy"
+
+
+def get_xp(*arrays) -> ModuleType:
+    """The array module owning ``arrays`` (None entries are ignored); default backend if none.
+
+    Mixing NumPy and CuPy arrays is an error: it would silently copy across the bus, or fail deep
+    inside an operation with an unhelpful message.
+    """
+    names = {backend_of(a) for a in arrays if a is not None and not np.isscalar(a)}
+    if len(names) > 1:
+        raise BackendError(
+            "arrays from two backends (numpy and cupy) were mixed; move them to one device first "
+            "with tinydiff.backend.to_device(x, backend) or module.to(backend)"
+        )
+    if not names:
+        return default_xp()
+    return _module_for(names.pop())
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy (or view) of ``x`` on the CPU."""
+    if backend_of(x) == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def to_device(x, backend: str | None = None, dtype=None):
+    """``x`` as an array of ``backend`` (default: the default backend), optionally cast."""
+    xp = _module_for(backend or _default_name)
+    if xp is np:
+        out = to_numpy(x)
+    else:
+        out = xp.asarray(x)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def erf(x):
+    """The error function on either backend (scipy.special / cupyx.scipy.special)."""
+    if backend_of(x) == "cupy":
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf(x)
+    return scipy.special.erf(x)
+
+
+def add_at(target, indices, values) -> None:
+    """Unbuffered ``target[indices] += values`` (repeated indices accumulate), in place."""
+    if backend_of(target) == "cupy":
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
+def rng(seed: int | None = None) -> np.random.Generator:
+    """A NumPy Generator on the CPU: the one source of randomness for both backends."""
+    return np.random.default_rng(seed)
+
+
+def randn(generator: np.random.Generator, shape, *, dtype=DEFAULT_DTYPE, backend: str | None = None):
+    """Standard normal draws made on the CPU by ``generator`` and moved to ``backend``."""
+    return to_device(generator.standard_normal(shape).astype(dtype), backend)
+
+
+def uniform(generator: np.random.Generator, shape, low=0.0, high=1.0, *, dtype=DEFAULT_DTYPE, backend=None):
+    """Uniform draws made on the CPU by ``generator`` and moved to ``backend``."""
+    return to_device(generator.uniform(low, high, shape).astype(dtype), backend)
+
+
+def blas_info() -> str:
+    """Which BLAS NumPy uses, and its thread count where threadpoolctl can tell."""
+    config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+    try:
+        blas = config["Build Dependencies"]["blas"]
+        text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except (KeyError, TypeError):
+        text = "unknown"
+    try:
+        import threadpoolctl
+
+        pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            text += f" ({pools[0].get('internal_api')}, {pools[0].get('num_threads')} threads)"
+    except ImportError:
+        pass
+    return text

@@ -1,0 +1,51 @@
+"""Scaled dot-product attention (Vaswani et al. 2017, eq. 1): forward/backward pair.
+
+    S = Q Kᵀ / √d,   P = softmax(S) over keys (masked keys get −∞),   O = P V
+
+Backward, with dO given:  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − Σ_k dP ⊙ P)  (softmax),
+dQ = dS K / √d,  dK = dSᵀ Q / √d.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ..backend import get_xp
+from .activations import SoftmaxCache, softmax_backward, softmax_forward
+
+
+class AttentionCache(NamedTuple):
+    q: object
+    k: object
+    v: object
+    p: object  # attention probabilities (B, H, Lq, Lk)
+    scale: float
+
+
+def attention_forward(q, k, v, mask=None):
+    """Shapes: q (B, H, Lq, d), k (B, H, Lk, d), v (B, H, Lk, dv); mask boolean, broadcastable to
+    (B, H, Lq, Lk), True where a query may attend to a key → out (B, H, Lq, dv).
+
+    The probabilities are returned in the cache (``cache.p``) so that callers can show
+    attention maps.
+    """
+    xp = get_xp(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = (q @ k.swapaxes(-1, -2)) * scale  # (B, H, Lq, Lk)
+    if mask is not None:
+        # A large finite negative (not −∞) keeps a fully masked row finite instead of NaN.
+        s = xp.where(mask, s, xp.asarray(xp.finfo(s.dtype).min / 2, dtype=s.dtype))
+    p, _ = softmax_forward(s, axis=-1)
+    return p @ v, AttentionCache(q, k, v, p, scale)
+
+
+def attention_backward(dout, cache: AttentionCache):
+    """Returns (dq, dk, dv)."""
+    q, k, v, p, scale = cache
+    dv = p.swapaxes(-1, -2) @ dout
+    dp = dout @ v.swapaxes(-1, -2)
+    ds = softmax_backward(dp, SoftmaxCache(p, -1)) * scale  # masked entries have p = 0 → ds = 0
+    dq = ds @ k
+    dk = ds.swapaxes(-1, -2) @ q
+    return dq, dk, dv
