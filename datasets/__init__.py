@@ -1,0 +1,1 @@
+"""Bundled data, installed as the package-data subpackage ``tinydiff.datasets`` (package-dir mapping)."""
