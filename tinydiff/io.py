@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +65,14 @@ def load_checkpoint(path, *, kind: str | None = None) -> tuple[dict, dict]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not hasattr(archive, "files"):  # a bare .npy array, not an .npz archive
+            raise CheckpointError(f"{path} holds a single .npy array, not a tinydiff checkpoint (.npz archive)")
+        with archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 — a damaged file can fail anywhere in zipfile/numpy parsing
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupted ({type(err).__name__}: {err}); "
             "delete it and resume from an earlier checkpoint, or retrain"
@@ -79,6 +83,8 @@ def load_checkpoint(path, *, kind: str | None = None) -> tuple[dict, dict]:
         header = json.loads(arrays.pop(HEADER_KEY).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} has a corrupted header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {path} has a corrupted header (not a JSON object)")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(

@@ -4,6 +4,10 @@
 
 Backward, with dO given:  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − Σ_k dP ⊙ P)  (softmax),
 dQ = dS K / √d,  dK = dSᵀ Q / √d.
+
+A query whose keys are all masked sees constant scores, so its output (the mean of V) does not
+depend on Q or K: dS is zeroed wherever the mask is False (for a partly masked row P is already 0
+there; for a fully masked row P is uniform and the softmax formula alone would leak a gradient).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class AttentionCache(NamedTuple):
     v: object
     p: object  # attention probabilities (B, H, Lq, Lk)
     scale: float
+    mask: object = None  # the boolean key mask (broadcastable to P) or None
 
 
 def attention_forward(q, k, v, mask=None):
@@ -37,15 +42,17 @@ def attention_forward(q, k, v, mask=None):
         # A large finite negative (not −∞) keeps a fully masked row finite instead of NaN.
         s = xp.where(mask, s, xp.asarray(xp.finfo(s.dtype).min / 2, dtype=s.dtype))
     p, _ = softmax_forward(s, axis=-1)
-    return p @ v, AttentionCache(q, k, v, p, scale)
+    return p @ v, AttentionCache(q, k, v, p, scale, mask)
 
 
 def attention_backward(dout, cache: AttentionCache):
     """Returns (dq, dk, dv)."""
-    q, k, v, p, scale = cache
+    q, k, v, p, scale, mask = cache
     dv = p.swapaxes(-1, -2) @ dout
     dp = dout @ v.swapaxes(-1, -2)
-    ds = softmax_backward(dp, SoftmaxCache(p, -1)) * scale  # masked entries have p = 0 → ds = 0
+    ds = softmax_backward(dp, SoftmaxCache(p, -1)) * scale
+    if mask is not None:  # masked scores were replaced by a constant: no gradient flows to them
+        ds = get_xp(ds).where(mask, ds, 0.0)
     dq = ds @ k
     dk = ds.swapaxes(-1, -2) @ q
     return dq, dk, dv

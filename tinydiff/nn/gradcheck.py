@@ -55,6 +55,9 @@ def gradcheck(
         if grad is None or tuple(grad.shape) != tuple(array.shape):
             raise ValueError(f"gradcheck: analytic gradient for {name} has shape "
                              f"{None if grad is None else tuple(grad.shape)}, expected {tuple(array.shape)}")
+        if not array.flags.c_contiguous:  # reshape would copy, and the perturbations would be lost
+            raise ValueError(f"gradcheck: {name} is not C-contiguous; pass a contiguous array "
+                             "(e.g. ascontiguousarray) that forward() reads")
         flat = array.reshape(-1)  # a view: perturbing it perturbs the array
         count = min(num_samples, flat.size)
         picks = gen.choice(flat.size, size=count, replace=False)

@@ -228,7 +228,7 @@ class Module:
         params = self.parameters()
         if ndim is not None and x.ndim != ndim:
             raise ValueError(f"{type(self).__name__} expects a {ndim}-D input {what}, got shape {tuple(x.shape)}")
-        if channels is not None and (x.ndim == 0 or x.shape[axis] != channels):
+        if channels is not None and (not -x.ndim <= axis < x.ndim or x.shape[axis] != channels):
             raise ValueError(
                 f"{type(self).__name__} expects {channels} features on axis {axis} of input {what}, "
                 f"got shape {tuple(x.shape)}"

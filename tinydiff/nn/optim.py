@@ -58,8 +58,9 @@ class AdamW:
             raise ValueError("optimizer state does not match the model's parameters (different model?)")
         self.step_count = int(state["step_count"])
         for i, p in enumerate(self.params):
-            self.m[i] = to_device(state[f"m.{i}"], backend_of(p.data), dtype=p.data.dtype)
-            self.v[i] = to_device(state[f"v.{i}"], backend_of(p.data), dtype=p.data.dtype)
+            # copies: step() updates the moments in place and must not write into ``state``
+            self.m[i] = to_device(state[f"m.{i}"], backend_of(p.data), dtype=p.data.dtype).copy()
+            self.v[i] = to_device(state[f"v.{i}"], backend_of(p.data), dtype=p.data.dtype).copy()
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

@@ -1,0 +1,120 @@
+"""The array backend: seeded randomness identical on every backend, device round trips, the special
+functions it provides, and clear errors for unknown or unusable backends and for mixed arrays."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinydiff import backend
+from tinydiff.backend import BackendError, add_at, backend_of, erf, get_xp, randn, rng, to_device, to_numpy, uniform
+
+CUPY_USABLE = not backend.cupy_status().startswith("not usable")
+CUPY_IMPORTABLE = importlib.util.find_spec("cupy") is not None
+
+
+def test_randn_same_seed_same_numbers_on_every_backend(backends):
+    a = to_numpy(randn(rng(42), (3, 4), backend=backends))
+    b = to_numpy(randn(rng(42), (3, 4), backend="numpy"))
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == backend.DEFAULT_DTYPE
+    assert not np.array_equal(a, to_numpy(randn(rng(43), (3, 4))))
+
+
+def test_uniform_is_seeded_and_in_range(backends):
+    u = to_numpy(uniform(rng(1), (1000,), -2.0, 3.0, backend=backends))
+    np.testing.assert_array_equal(u, to_numpy(uniform(rng(1), (1000,), -2.0, 3.0)))
+    assert u.min() >= -2.0 and u.max() < 3.0
+
+
+def test_to_device_to_numpy_round_trip(backends):
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    on = to_device(x, backends)
+    assert backend_of(on) == backends
+    back = to_numpy(on)
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, x)
+    assert to_device(x, backends, dtype=np.float32).dtype == np.float32
+
+
+def test_get_xp_picks_the_owning_module_and_ignores_none_and_scalars(backends):
+    x = to_device(np.ones(2), backends)
+    assert get_xp(x, None, 3.0).__name__ == backends
+    assert get_xp() is backend.default_xp()
+
+
+def test_erf_matches_math_erf(backends):
+    xs = np.linspace(-3.5, 3.5, 29)
+    np.testing.assert_allclose(to_numpy(erf(to_device(xs, backends))), [math.erf(v) for v in xs], rtol=1e-14, atol=1e-15)
+
+
+def test_add_at_accumulates_repeated_indices(backends):
+    target = to_device(np.zeros((4, 2)), backends)
+    idx = to_device(np.array([1, 3, 1, 1]), backends)
+    values = to_device(np.arange(8.0).reshape(4, 2), backends)
+    add_at(target, idx, values)
+    expected = np.zeros((4, 2))
+    for i, row in zip([1, 3, 1, 1], np.arange(8.0).reshape(4, 2)):
+        expected[i] += row  # what buffered `target[idx] += values` would get wrong
+    np.testing.assert_array_equal(to_numpy(target), expected)
+
+
+def test_set_backend_rejects_unknown_name_listing_the_valid_ones():
+    with pytest.raises(BackendError, match="unknown backend 'tpu'; valid backends: numpy, cupy"):
+        backend.set_backend("tpu")
+    assert backend.get_backend() == "numpy"
+
+
+def test_bogus_backend_environment_variable_fails_at_import_with_a_clear_message():
+    env = {**os.environ, "TINYDIFF_BACKEND": "bogus"}
+    result = subprocess.run([sys.executable, "-c", "import tinydiff.backend"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "TINYDIFF_BACKEND='bogus' is not a backend; valid backends: numpy, cupy" in result.stderr
+
+
+@pytest.mark.skipif(CUPY_IMPORTABLE, reason="CuPy is installed here")
+def test_set_backend_cupy_without_cupy_gives_the_install_hint():
+    with pytest.raises(BackendError, match=r"CuPy is not installed; install the GPU extra: pip install \"tinydiff\[gpu\]\""):
+        backend.set_backend("cupy")
+    assert backend.get_backend() == "numpy"  # a failed switch changes nothing
+
+
+def test_set_backend_cupy_when_import_fails_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    with pytest.raises(BackendError, match=r"pip install \"tinydiff\[gpu\]\""):
+        backend.set_backend("cupy")
+
+
+def test_cupy_status_is_one_line():
+    status = backend.cupy_status()
+    assert "\n" not in status
+    assert status.startswith("not usable") != CUPY_USABLE
+
+
+class FakeCupyArray:
+    """Something whose class lives in a 'cupy' module, as backend_of recognises CuPy arrays."""
+
+    __module__ = "cupy._core.core"
+
+
+def test_mixing_numpy_and_cupy_arrays_is_an_error_without_needing_cupy():
+    assert backend_of(FakeCupyArray()) == "cupy"
+    with pytest.raises(BackendError, match=r"arrays from two backends \(numpy and cupy\) were mixed"):
+        get_xp(np.ones(2), FakeCupyArray())
+
+
+@pytest.mark.skipif(not CUPY_USABLE, reason="CuPy or a GPU is not usable here")
+def test_mixing_real_numpy_and_cupy_arrays_is_an_error():
+    with pytest.raises(BackendError, match="mixed"):
+        get_xp(np.ones(2), to_device(np.ones(2), "cupy"))
+
+
+def test_blas_info_names_a_library():
+    assert backend.blas_info() and "\n" not in backend.blas_info()

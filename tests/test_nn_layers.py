@@ -1,0 +1,389 @@
+"""Layer classes and the Module machinery: gradient checks of every layer (parameters and inputs),
+parameter naming, gradient accumulation, inference mode, dtype moves, state dicts, train/eval, and
+clear errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinydiff.backend import BackendError, backend_of, rng, to_device, to_numpy
+from tinydiff.nn import (
+    GELU,
+    Attention,
+    Conv2d,
+    Dropout,
+    Embedding,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Module,
+    ModuleList,
+    Parameter,
+    Sequential,
+    SiLU,
+    StateDictError,
+    Upsample,
+    gradcheck_module,
+    is_grad_enabled,
+    manual_seed,
+    no_grad,
+)
+
+TOL = 1e-6
+
+
+def randn(shape, backend, seed=10, scale=1.0):
+    return to_device(scale * np.random.default_rng(seed).standard_normal(shape), backend)
+
+
+def prepared(module: Module, backend: str) -> Module:
+    """float64 on ``backend``, with non-trivial affine parameters (γ = 1, β = 0 would hide bugs)."""
+    module.double().to(backend)
+    for i, p in enumerate(module.parameters()):
+        p.data[...] = randn(p.shape, backend, seed=100 + i)
+    return module
+
+
+def assert_gradcheck(module, *inputs, **kwargs):
+    errors = gradcheck_module(module, *inputs, seed=2024, num_samples=16, **kwargs)
+    assert errors and max(errors.values()) < TOL, errors
+    return errors
+
+
+# --------------------------------------------------------------------------- gradient checks
+
+
+def test_linear_layer_gradcheck_3d_input(backends):
+    errors = assert_gradcheck(prepared(Linear(5, 4), backends), randn((2, 3, 5), backends))
+    assert set(errors) == {"input.0", "weight", "bias"}
+
+
+def test_linear_layer_without_bias_gradcheck(backends):
+    layer = prepared(Linear(5, 4, bias=False), backends)
+    assert layer.bias is None
+    assert set(assert_gradcheck(layer, randn((3, 5), backends))) == {"input.0", "weight"}
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_conv2d_layer_gradcheck(backends, kernel, stride, padding):
+    layer = prepared(Conv2d(3, 4, kernel, stride=stride, padding=padding), backends)
+    assert_gradcheck(layer, randn((2, 3, 6, 5), backends))
+
+
+def test_group_norm_layer_gradcheck(backends):
+    assert_gradcheck(prepared(GroupNorm(2, 4), backends), randn((2, 4, 3, 3), backends, scale=2.0))
+
+
+def test_layer_norm_layer_gradcheck(backends):
+    assert_gradcheck(prepared(LayerNorm(6), backends), randn((2, 3, 6), backends, scale=2.0))
+
+
+def test_embedding_layer_gradcheck_with_repeated_ids(backends):
+    ids = to_device(np.array([[0, 2, 2], [4, 0, 2]]), backends)
+    errors = assert_gradcheck(prepared(Embedding(5, 3), backends), ids)
+    assert set(errors) == {"weight"}  # integer ids are passed through, not checked
+
+
+@pytest.mark.parametrize("layer", [SiLU(), GELU(), GELU("tanh"), Upsample()], ids=["silu", "gelu", "gelu-tanh", "up"])
+def test_parameter_free_layer_gradcheck(backends, layer):
+    assert_gradcheck(layer, randn((2, 3, 4, 4), backends, scale=2.0))
+
+
+class SeededDropout(Dropout):
+    """Dropout whose generator is reset on every forward, so finite differences see one mask."""
+
+    def forward(self, x):
+        self.generator = rng(3)
+        return super().forward(x)
+
+
+def test_dropout_layer_gradcheck_with_fixed_generator(backends):
+    assert_gradcheck(SeededDropout(0.3), randn((4, 5), backends))
+
+
+def test_self_attention_layer_gradcheck_with_mask(backends):
+    attn = prepared(Attention(6, heads=2, dim_head=3), backends)
+    mask = to_device(np.array([[1, 1, 0, 1], [1, 0, 0, 0]], bool), backends)
+    errors = assert_gradcheck(attn, randn((2, 4, 6), backends), None, mask)
+    assert {"input.0", "to_q.weight", "to_k.weight", "to_v.weight", "to_out.weight", "to_out.bias"} == set(errors)
+
+
+def test_cross_attention_layer_gradcheck_with_mask_returns_dx_and_dcontext(backends):
+    attn = prepared(Attention(6, context_dim=5, heads=2, dim_head=4), backends)
+    x, ctx = randn((2, 3, 6), backends, 1), randn((2, 4, 5), backends, 2)
+    mask = to_device(np.array([[1, 1, 1, 0], [0, 1, 0, 0]], bool), backends)
+    errors = assert_gradcheck(attn, x, ctx, mask, input_names=["x", "context"])
+    assert {"x", "context"} <= set(errors)
+    attn(x, ctx, mask)
+    grads = attn.backward(randn((2, 3, 6), backends, 3))
+    assert isinstance(grads, tuple) and len(grads) == 2
+    assert grads[0].shape == x.shape and grads[1].shape == ctx.shape
+
+
+def test_attention_with_fully_masked_sample_is_finite_and_gradchecks(backends):
+    attn = prepared(Attention(4, context_dim=3, heads=2, dim_head=2), backends)
+    mask = to_device(np.array([[1, 0, 1], [0, 0, 0]], bool), backends)
+    x, ctx = randn((2, 2, 4), backends, 1), randn((2, 3, 3), backends, 2)
+    assert np.isfinite(to_numpy(attn(x, ctx, mask))).all()
+    assert_gradcheck(attn, x, ctx, mask)
+
+
+def test_attention_probs_callback_sees_normalised_probabilities(backends):
+    attn = prepared(Attention(4, context_dim=3, heads=2, dim_head=2), backends)
+    seen = []
+    attn.probs_callback = seen.append
+    attn(randn((2, 5, 4), backends), randn((2, 3, 3), backends))
+    assert seen[0].shape == (2, 2, 5, 3)
+    np.testing.assert_allclose(to_numpy(seen[0]).sum(axis=-1), 1.0)
+
+
+def test_sequential_gradcheck_runs_children_backward_in_reverse(backends):
+    model = prepared(Sequential([Conv2d(2, 4, 3, padding=1), GroupNorm(2, 4), SiLU(), Upsample(), Conv2d(4, 3, 1)]),
+                     backends)
+    errors = assert_gradcheck(model, randn((2, 2, 3, 3), backends))
+    assert {"input.0", "0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias"} == set(errors)
+
+
+# --------------------------------------------------------------------------- module machinery
+
+
+class Block(Module):
+    def __init__(self):
+        self.conv = Conv2d(4, 4, 3, padding=1)
+        self.norm = GroupNorm(2, 4)
+
+
+class Net(Module):
+    def __init__(self):
+        self.proj = Linear(3, 4)
+        self.blocks = ModuleList([Block(), Block()])
+        self.head = Linear(4, 2, bias=False)
+
+
+def test_named_parameters_use_dotted_pytorch_names_in_definition_order():
+    names = [name for name, _ in Net().named_parameters()]
+    assert names == [
+        "proj.weight", "proj.bias",
+        "blocks.0.conv.weight", "blocks.0.conv.bias", "blocks.0.norm.weight", "blocks.0.norm.bias",
+        "blocks.1.conv.weight", "blocks.1.conv.bias", "blocks.1.norm.weight", "blocks.1.norm.bias",
+        "head.weight",
+    ]
+    assert Net().num_parameters() == 3 * 4 + 4 + 2 * (4 * 4 * 9 + 4 + 4 + 4) + 4 * 2
+
+
+def test_backward_adds_into_grad_and_zero_grad_clears_it(backends):
+    layer = prepared(Linear(3, 2), backends)
+    x, dout = randn((4, 3), backends, 1), randn((4, 2), backends, 2)
+    layer(x)
+    layer.backward(dout)
+    once = to_numpy(layer.weight.grad).copy()
+    assert np.abs(once).max() > 0
+    layer(x)
+    layer.backward(dout)  # a second backward accumulates (+=), as for a reused tensor
+    np.testing.assert_allclose(to_numpy(layer.weight.grad), 2 * once)
+    np.testing.assert_allclose(to_numpy(layer.bias.grad), 2 * to_numpy(dout).sum(axis=0))
+    layer.zero_grad()
+    assert not to_numpy(layer.weight.grad).any() and not to_numpy(layer.bias.grad).any()
+
+
+def test_no_grad_keeps_no_cache_and_backward_then_raises():
+    attn = Attention(4, heads=2, dim_head=2)
+    with no_grad():
+        assert not is_grad_enabled()
+        attn(np.ones((1, 3, 4), np.float32))
+    assert is_grad_enabled()
+    assert all(getattr(m, "_cache", None) is None for m in attn.modules())
+    with pytest.raises(RuntimeError, match=r"Attention\.backward called without a forward pass .*no_grad"):
+        attn.backward(np.ones((1, 3, 4), np.float32))
+
+
+def test_no_grad_restores_grad_mode_after_an_exception():
+    with pytest.raises(ZeroDivisionError):
+        with no_grad():
+            1 / 0
+    assert is_grad_enabled()
+
+
+def test_backward_twice_without_forward_raises():
+    layer = SiLU()
+    layer(np.ones(3))
+    layer.backward(np.ones(3))
+    with pytest.raises(RuntimeError, match="backward called twice"):
+        layer.backward(np.ones(3))
+
+
+def test_double_and_float_cast_parameters_and_reset_grads():
+    net = Net().double()
+    assert all(p.data.dtype == np.float64 and p.grad.dtype == np.float64 for p in net.parameters())
+    net.float()
+    assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32 for p in net.parameters())
+
+
+def test_to_moves_every_parameter_to_the_backend(backends):
+    net = Net().to(backends)
+    assert {backend_of(p.data) for p in net.parameters()} == {backends}
+    assert {backend_of(p.grad) for p in net.parameters()} == {backends}
+
+
+def test_manual_seed_makes_initialisation_reproducible():
+    manual_seed(5)
+    a = Net().state_dict()
+    manual_seed(5)
+    b = Net().state_dict()
+    manual_seed(6)
+    c = Net().state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["proj.weight"], c["proj.weight"])
+
+
+def test_state_dict_round_trip_reproduces_outputs():
+    manual_seed(1)
+    src = Sequential([Linear(3, 5), GELU(), LayerNorm(5), Linear(5, 2)])
+    manual_seed(2)
+    dst = Sequential([Linear(3, 5), GELU(), LayerNorm(5), Linear(5, 2)])
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    assert not np.allclose(src(x), dst(x))
+    dst.load_state_dict({k: v.astype(np.float64) for k, v in src.state_dict().items()})  # dtype converted
+    assert all(p.data.dtype == np.float32 for p in dst.parameters())
+    np.testing.assert_array_equal(src(x), dst(x))
+
+
+def test_strict_load_lists_missing_unexpected_and_misshaped_keys():
+    net = Net()
+    state = {k: v.copy() for k, v in net.state_dict().items()}
+    del state["head.weight"]
+    state["extra.weight"] = np.zeros(3)
+    state["proj.bias"] = np.zeros(7)
+    with pytest.raises(StateDictError) as info:
+        net.load_state_dict(state)
+    message = str(info.value)
+    assert "missing keys: head.weight" in message
+    assert "unexpected keys: extra.weight" in message
+    assert "proj.bias: checkpoint (7,) vs model (4,)" in message
+    assert isinstance(info.value, KeyError) and not message.startswith("'")  # not KeyError's quoting
+
+
+def test_non_strict_load_ignores_missing_and_unexpected_but_not_misshaped():
+    net = Linear(3, 4)
+    net.load_state_dict({"weight": np.ones((4, 3)), "other": np.zeros(1)}, strict=False)
+    np.testing.assert_array_equal(net.weight.data, 1.0)
+    with pytest.raises(StateDictError, match=r"bias: checkpoint \(2,\) vs model \(4,\)"):
+        net.load_state_dict({"bias": np.zeros(2)}, strict=False)
+
+
+def test_train_and_eval_switch_dropout_in_every_child():
+    model = Sequential([Linear(8, 8), Dropout(0.5)])
+    x = np.ones((16, 8), np.float32)
+    model.eval()
+    assert not model[1].training
+    with no_grad():
+        np.testing.assert_array_equal(model(x), model[0](x))  # dropout is the identity in eval
+    model.train()
+    assert model[1].training
+    assert (model(x) == 0).any()
+
+
+def test_parameter_accumulate_rejects_a_wrongly_shaped_gradient():
+    p = Parameter(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"gradient for w has shape \(3, 2\), expected \(2, 3\)"):
+        p.accumulate(np.zeros((3, 2)), "w")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_linear_rejects_wrong_feature_count():
+    with pytest.raises(ValueError, match=r"Linear expects 5 features on axis -1 .*got shape \(2, 4\)"):
+        Linear(5, 3)(np.zeros((2, 4), np.float32))
+
+
+def test_linear_rejects_scalar_input():
+    with pytest.raises(ValueError, match="Linear expects 5 features"):
+        Linear(5, 3)(np.float32(1.0) * np.ones((), np.float32))
+
+
+def test_linear_rejects_wrong_dtype_naming_both():
+    with pytest.raises(TypeError, match="Linear has float32 parameters but got a float64 input"):
+        Linear(5, 3)(np.zeros((2, 5)))
+
+
+def test_conv2d_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"Conv2d expects a 4-D input \(N, C, H, W\), got shape \(3, 8, 8\)"):
+        Conv2d(3, 4, 3)(np.zeros((3, 8, 8), np.float32))
+
+
+def test_conv2d_rejects_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"Conv2d expects 3 features on axis 1 .*got shape \(1, 2, 8, 8\)"):
+        Conv2d(3, 4, 3)(np.zeros((1, 2, 8, 8), np.float32))
+
+
+def test_conv2d_rejects_integer_input():
+    with pytest.raises(TypeError, match="Conv2d has float32 parameters but got a int64 input"):
+        Conv2d(3, 4, 3)(np.zeros((1, 3, 8, 8), np.int64))
+
+
+def test_group_norm_rejects_wrong_channels_and_too_low_rank():
+    with pytest.raises(ValueError, match=r"GroupNorm expects 4 features on axis 1 .*got shape \(2, 6, 3\)"):
+        GroupNorm(2, 4)(np.zeros((2, 6, 3), np.float32))
+    # regression: a 1-D input used to fail with a bare IndexError from x.shape[1]
+    with pytest.raises(ValueError, match=r"GroupNorm expects 4 features on axis 1 .*got shape \(4,\)"):
+        GroupNorm(2, 4)(np.zeros(4, np.float32))
+
+
+def test_group_norm_rejects_indivisible_channels_at_construction():
+    with pytest.raises(ValueError, match="6 channels are not divisible into 4 groups"):
+        GroupNorm(4, 6)
+
+
+def test_layer_norm_rejects_wrong_trailing_shape_and_dtype():
+    with pytest.raises(ValueError, match=r"LayerNorm\(8,\) got an input of shape \(2, 7\)"):
+        LayerNorm(8)(np.zeros((2, 7), np.float32))
+    with pytest.raises(TypeError, match="LayerNorm has float32 parameters but got a float64 input"):
+        LayerNorm(8)(np.zeros((2, 8)))
+
+
+def test_attention_rejects_wrong_context_shape_and_mask_shape():
+    attn = Attention(6, context_dim=5, heads=2, dim_head=3)
+    x = np.zeros((2, 3, 6), np.float32)
+    with pytest.raises(ValueError, match=r"Attention expects context of shape \(B=2, Lc, 5\), got \(2, 4, 4\)"):
+        attn(x, np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"Attention expects context of shape \(B=2, Lc, 5\), got \(3, 4, 5\)"):
+        attn(x, np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"Attention mask must have shape \(2, 4\), got \(2, 3\)"):
+        attn(x, np.zeros((2, 4, 5), np.float32), np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match=r"Attention expects a 3-D input"):
+        attn(np.zeros((3, 6), np.float32))
+
+
+def test_embedding_rejects_float_and_out_of_range_ids():
+    emb = Embedding(10, 4)
+    with pytest.raises(TypeError, match="Embedding expects integer ids, got dtype float32"):
+        emb(np.zeros(3, np.float32))
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 10\), got range \[0, 10\]"):
+        emb(np.array([0, 10]))
+    with pytest.raises(IndexError, match=r"got range \[-1, 3\]"):
+        emb(np.array([-1, 3]))
+
+
+def test_layer_constructors_reject_bad_options():
+    with pytest.raises(ValueError, match="'none' or 'tanh'"):
+        GELU("fast")
+    with pytest.raises(ValueError, match=r"Dropout probability must be in \[0, 1\), got 1.0"):
+        Dropout(1.0)
+    with pytest.raises(ValueError, match="scale_factor=2, mode='nearest' only"):
+        Upsample(scale_factor=3)
+
+
+class FakeCupyArray:
+    """Looks like a CuPy array to tinydiff.backend.backend_of (its class lives in a 'cupy' module)."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype, self.ndim = shape, np.dtype(dtype), len(shape)
+
+
+def test_layer_rejects_an_array_from_another_backend():
+    with pytest.raises(BackendError, match="arrays from two backends"):
+        Linear(5, 3)(FakeCupyArray((2, 5), np.float32))
