@@ -81,6 +81,7 @@ if _default_name not in BACKENDS:
 def set_backend(name: str) -> None:
     """Choose the default backend for new arrays ('numpy' or 'cupy'); checks it is usable."""
     global _default_name
+    name = name.strip().lower()
     _module_for(name)  # raises a clear error if unknown or unusable
     _default_name = name
 
