@@ -1,0 +1,278 @@
+"""Tests for the mini-CLIP: gradient checks, padding invariance, training, metrics."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tinydiff.backend import rng, to_device, to_numpy
+from tinydiff.metrics import caption_content_key, evaluate_clip, prompt_choice_accuracy, retrieval_recall_at_1
+from tinydiff.models.clip import CLIP, CLIPConfig, ImageEncoder, ImageEncoderConfig, TextEncoderConfig
+from tinydiff.nn import gradcheck, gradcheck_module, manual_seed
+from tinydiff.text import Tokenizer
+from tinydiff.text.captions import ATTRIBUTE_DTYPE, BOLD, DIGIT_WORDS, LEFT, RIGHT, THIN
+from tinydiff.text.tokenizer import PAD_ID
+from tinydiff.train.clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
+from tinydiff.train.loop import LoopConfig
+
+TOL = 1e-6
+PROMPTS = ["a bold 7", "the digit seven, thin, leaning left", "3", "a picture of an 8 standing upright"]
+TOKENIZER = Tokenizer.from_captions()
+
+
+def tiny_config() -> CLIPConfig:
+    return CLIPConfig(
+        TextEncoderConfig(width=16, layers=2, heads=2, projection_dim=8),
+        ImageEncoderConfig(channels=(8, 8, 8, 8), groups=4, projection_dim=8),
+    )
+
+
+def tiny_clip(backend="numpy") -> CLIP:
+    manual_seed(0)
+    return CLIP(tiny_config()).double().to(backend)
+
+
+def tokens(prompts=PROMPTS):
+    return TOKENIZER.encode(prompts)
+
+
+def images(n, backend="numpy"):
+    return to_device(rng(1).uniform(-1, 1, (n, 1, 32, 32)), backend)
+
+
+# --------------------------------------------------------------------------- gradient checks
+
+
+def test_text_encoder_gradients_of_both_outputs(backends):
+    encoder = tiny_clip(backends).text
+    batch = tokens()
+
+    def backward(d):
+        encoder.zero_grad()
+        encoder(batch.ids, batch.mask)
+        encoder.backward(*d)  # d = (d_hidden, d_pooled)
+        return {n: p.grad for n, p in encoder.named_parameters()}
+
+    params = {n: p.data for n, p in encoder.named_parameters()}
+    errors = gradcheck(lambda: encoder(batch.ids, batch.mask), backward, params)
+    assert set(errors) == set(params)
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("which", ["hidden", "pooled"])
+def test_text_encoder_backward_takes_either_gradient(which):
+    encoder = tiny_clip().text
+    batch = tokens()
+    hidden, pooled = encoder(batch.ids, batch.mask)
+    g = rng(2)
+    d_hidden, d_pooled = g.standard_normal(hidden.shape), g.standard_normal(pooled.shape)
+    given = (d_hidden, None) if which == "hidden" else (None, d_pooled)
+    zeros = (d_hidden, np.zeros_like(d_pooled)) if which == "hidden" else (np.zeros_like(d_hidden), d_pooled)
+    grads = []
+    for upstream in (given, zeros):
+        encoder.zero_grad()
+        encoder(batch.ids, batch.mask)
+        encoder.backward(*upstream)
+        grads.append({n: p.grad.copy() for n, p in encoder.named_parameters()})
+    for name in grads[0]:
+        np.testing.assert_allclose(grads[0][name], grads[1][name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def test_image_encoder_gradients(backends):
+    manual_seed(0)
+    encoder = ImageEncoder(tiny_config().image).double().to(backends)
+    errors = gradcheck_module(encoder, images(3, backends))
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("log_scale", [math.log(1 / 0.07), math.log(150.0)], ids=["free", "clipped"])
+def test_clip_loss_gradients_including_the_temperature(backends, log_scale):
+    model = tiny_clip(backends)
+    model.log_scale.data[...] = log_scale
+    x, batch = images(4, backends), tokens()
+
+    def backward(dloss):
+        model.zero_grad()
+        model(x, batch.ids, batch.mask)
+        model.backward(float(dloss))
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    params = {n: p.data for n, p in model.named_parameters()}
+    errors = gradcheck(lambda: np.asarray(model(x, batch.ids, batch.mask)), backward, params)
+    assert "log_scale" in errors and max(errors.values()) < TOL, errors
+    if log_scale > math.log(100):  # clipped at s = 100: the scale receives no gradient
+        backward(1.0)
+        assert float(model.log_scale.grad) == 0.0
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def test_pad_tokens_do_not_change_the_outputs():
+    encoder = tiny_clip().text
+    batch = tokens()
+    hidden, pooled = encoder(batch.ids, batch.mask)
+    other_ids = batch.ids.copy()
+    other_ids[~batch.mask] = rng(3).integers(PAD_ID, TOKENIZER.vocab_size, size=int((~batch.mask).sum()))
+    assert (other_ids != batch.ids).any()
+    hidden2, pooled2 = encoder(other_ids, batch.mask)
+    np.testing.assert_allclose(hidden2, hidden, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(pooled2, pooled, rtol=1e-12, atol=1e-14)
+    assert not hidden[~batch.mask].any()  # padding positions hold zeros
+    # A batch padded to its own longest prompt gives the same embeddings as the full length.
+    length = int(batch.mask.sum(axis=1).max())
+    hidden3, pooled3 = encoder(batch.ids[:, :length], batch.mask[:, :length])
+    np.testing.assert_allclose(hidden3, hidden[:, :length], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(pooled3, pooled, rtol=1e-10, atol=1e-12)
+
+
+def test_text_encoder_rejects_bad_inputs():
+    encoder = tiny_clip().text
+    batch = tokens()
+    with pytest.raises(ValueError, match="boolean mask"):
+        encoder(batch.ids, batch.mask.astype(np.int64))
+    with pytest.raises(ValueError, match="L ≤"):
+        encoder(np.zeros((2, 40), dtype=np.int64), np.ones((2, 40), dtype=bool))
+    for bad_row in ([False] * 16, [True, False, True] + [False] * 13):  # empty; a hole
+        mask = batch.mask.copy()
+        mask[0] = bad_row
+        with pytest.raises(ValueError, match="real tokens then padding"):
+            encoder(batch.ids, mask)
+
+
+# --------------------------------------------------------------------------- config, training
+
+
+def test_config_json_round_trip():
+    config = tiny_config()
+    again = CLIPConfig.from_json(config.to_json())
+    assert again == config and isinstance(again.image.channels, tuple)
+    with pytest.raises(ValueError, match="projection_dim"):
+        CLIPConfig(TextEncoderConfig(projection_dim=8), ImageEncoderConfig(projection_dim=16))
+
+
+def test_captioned_mnist_fits_attributes_on_the_training_split():
+    train, test = load_captioned_mnist()
+    assert (len(train.labels), len(test.labels)) == (9000, 1000)
+    assert train.images.shape[1:] == (1, 32, 32) and train.images.dtype == np.float32
+    # Terciles fitted on the training digits split them into thirds; held-out digits only roughly.
+    for code in range(3):
+        assert abs(np.mean(train.attributes["thickness"] == code) - 1 / 3) < 0.01
+        assert abs(np.mean(test.attributes["thickness"] == code) - 1 / 3) < 0.06
+
+
+def _small_digits(n=96) -> CaptionedDigits:
+    """Random 'digits' whose label is written into the pixels, with random attributes."""
+    g = rng(4)
+    labels = g.integers(0, 10, n)
+    x = -np.ones((n, 1, 32, 32), dtype=np.float32)
+    for i, d in enumerate(labels):
+        x[i, 0, 3 * d : 3 * d + 3, 4:28] = 1.0  # a bar whose height says the digit
+    attributes = np.zeros(n, dtype=ATTRIBUTE_DTYPE)
+    for field in ("thickness", "slant"):
+        attributes[field] = g.integers(0, 3, n)
+    attributes["size"] = g.integers(0, 2, n)
+    return CaptionedDigits(x, labels, attributes)
+
+
+def _loop(total_steps, **kwargs):
+    return LoopConfig(total_steps=total_steps, lr=3e-3, warmup_steps=5, ema_decay=0.9, **kwargs)
+
+
+def test_a_short_run_reduces_the_loss():
+    config = CLIPConfig(TextEncoderConfig(width=32, layers=1, heads=2, projection_dim=32),
+                        ImageEncoderConfig(channels=(8, 16, 16, 16), groups=4, projection_dim=32))
+    _, _, result = train_clip(config, _loop(60), batch_size=16, data=_small_digits())
+    history = result["history"]
+    assert np.mean(history[-10:]) < 0.7 * np.mean(history[:10]), history
+
+
+def test_checkpoint_reloads_and_resumes_exactly(tmp_path):
+    data, path = _small_digits(), tmp_path / "clip.npz"
+    straight, _, _ = train_clip(tiny_config(), _loop(6), batch_size=16, data=data)
+    train_clip(tiny_config(), _loop(6), batch_size=16, data=data, checkpoint_path=path, stop_at=3)
+    resumed, _, result = train_clip(tiny_config(), _loop(6), batch_size=16, data=data,
+                                    checkpoint_path=path, resume=True)
+    for name, value in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
+    loaded, tokenizer = load_clip(path)
+    assert tokenizer.to_dict() == TOKENIZER.to_dict()
+    for name, value in result["ema"].shadow.items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value, err_msg=name)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_prompt_choice_accuracy_known_answer():
+    classes = np.eye(4)  # four prompts, orthogonal
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    image_emb = 3.0 * classes[labels] + 0.1  # near their class's prompt, scaled: cosine ignores it
+    assert prompt_choice_accuracy(image_emb, classes, labels) == 1.0
+    assert prompt_choice_accuracy(image_emb, classes, np.array([0, 1, 2, 3, 1, 0])) == pytest.approx(4 / 6)
+    per_image = np.stack([classes[[l, (l + 1) % 4]] for l in labels])  # (N, 2, E): own class first
+    assert prompt_choice_accuracy(image_emb, per_image, np.zeros(6, dtype=int)) == 1.0
+
+
+def test_retrieval_recall_with_ties_in_content():
+    image_emb = np.eye(4)
+    text_emb = np.eye(4)
+    text_emb[1] = text_emb[0]  # captions 0 and 1 are the same words: identical embeddings
+    assert retrieval_recall_at_1(image_emb, image_emb) == (1.0, 1.0)
+    # By pair index, the tie is lost once each way: text 1 finds image 0, image 1 finds text 0.
+    assert retrieval_recall_at_1(image_emb, text_emb) == (0.75, 0.75)
+    # With content keys, retrieving a pair whose caption says the same thing counts.
+    assert retrieval_recall_at_1(image_emb, text_emb, keys=["7", "7", "bold 7", "3"]) == (1.0, 1.0)
+
+
+def test_caption_content_key():
+    assert caption_content_key("a handwritten seven") == caption_content_key("7") == frozenset({"7"})
+    assert caption_content_key("the digit 7, bold") == caption_content_key("a bold 7")
+    assert caption_content_key("a bold 7") != caption_content_key("a thin 7")
+    assert caption_content_key("a picture of an 8 standing upright") == frozenset({"8", "standing", "upright"})
+
+
+class _OracleCLIP:
+    """Embeds an 'image' (its label and attribute signs, given directly) and a prompt (its words)
+    in the same 12-D space: one-hot digit, then ±1 for bold/thin, ±1 for right/left."""
+
+    def embed_images(self, x):
+        return x
+
+    def embed_texts(self, ids, mask):
+        out = np.zeros((len(ids), 12))
+        for row, text in enumerate(TOKENIZER.decode(ids)):
+            words = text.split()
+            digits = [w for w in words if w.isdigit()] + [str(DIGIT_WORDS.index(w)) for w in words if w in DIGIT_WORDS]
+            out[row, int(digits[0])] = 1.0
+            out[row, 10] = ("bold" in words) - ("thin" in words)
+            out[row, 11] = ("right" in words) - ("left" in words)
+        return out
+
+
+def test_evaluate_clip_on_an_oracle():
+    g = rng(5)
+    n = 200
+    labels = g.integers(0, 10, n)
+    attributes = np.zeros(n, dtype=ATTRIBUTE_DTYPE)
+    attributes["thickness"] = g.integers(0, 3, n)
+    attributes["slant"] = g.integers(0, 3, n)
+    x = np.zeros((n, 12))
+    x[np.arange(n), labels] = 1.0
+    x[:, 10] = (attributes["thickness"] == BOLD).astype(float) - (attributes["thickness"] == THIN)
+    x[:, 11] = (attributes["slant"] == RIGHT).astype(float) - (attributes["slant"] == LEFT)
+    results = evaluate_clip(_OracleCLIP(), TOKENIZER, CaptionedDigits(x, labels, attributes))
+    assert results["zero_shot_accuracy"] == 1.0
+    assert results["probe_thickness"] == 1.0 and results["probe_slant"] == 1.0
+    assert results["probe_thickness_count"] == int(np.isin(attributes["thickness"], (THIN, BOLD)).sum())
+    assert results["probe_slant_count"] == int(np.isin(attributes["slant"], (LEFT, RIGHT)).sum())
+    assert 0.0 < results["recall_text_to_image"] <= 1.0 and 0.0 < results["recall_image_to_text"] <= 1.0
+    assert 0.0 < results["recall_chance"] < 0.2  # many distinct caption contents
+
+
+def test_embeddings_are_numpy_and_batched():
+    model = tiny_clip()
+    x = images(7)
+    np.testing.assert_allclose(model.embed_images(x, batch_size=3), to_numpy(model.image(x)), rtol=1e-12)
+    batch = tokens()
+    assert model.embed_texts(batch.ids, batch.mask).shape == (len(PROMPTS), 8)
