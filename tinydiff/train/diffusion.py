@@ -1,0 +1,107 @@
+"""Training a denoiser: DDPM's Algorithm 1 with conditioning dropout, for pixels or latents.
+
+One step (Ho et al. 2020, Algorithm 1; the prediction target and weighting generalised):
+
+    x0 ~ data,  t ~ U{0, …, T−1},  ε ~ N(0, I)
+    x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε                              (eq. 4, noise.q_sample)
+    context = condition(x0's labels or captions); with probability p it is replaced by the
+              learned null context, so one network learns p(x | c) and p(x) (Ho & Salimans 2022)
+    L = mean_b w(t_b) ‖F(x_t, t, context) − target‖²          (eq. 14 for target = ε, w = 1)
+
+then backward through the U-Net, and on into whatever produced the context (a label embedding,
+trained jointly; a frozen text encoder gets nothing) and into the null context.
+
+A *conditioning* is any object with
+
+    encode(indices, generator) -> (context (B, L, D), mask (B, L) or None)
+    backward(dcontext)            add gradients to its own trainable parameters, if any
+
+so the same step trains the class-conditional pixel model and the text-conditional latent model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..backend import backend_of, to_device
+from ..diffusion.noise import alphas_cumprod_at, check_prediction_type, loss_weights, prediction_target, q_sample
+from ..diffusion.schedules import NoiseSchedule, make_schedule
+from ..models.unet import UNet
+from ..nn import Embedding, mse_loss
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # β schedule name (schedules.SCHEDULES); linear keeps σ_max ≈ 157 (see REFERENCES.md)
+    num_timesteps: int = 1000  # T, the number of discrete training timesteps
+    prediction_type: str = "epsilon"  # what the network predicts: epsilon, v or sample (x0)
+    loss_weighting: str = "plain"  # plain (DDPM eq. 14) or min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # γ of min-SNR weighting
+    cond_drop_prob: float = 0.1  # probability of training a sample on the null context (for CFG)
+    batch_size: int = 64  # images per step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def make_schedule(self) -> NoiseSchedule:
+        return make_schedule(self.schedule, self.num_timesteps)
+
+
+class LabelConditioning:
+    """Class labels as a one-token context: context_b = E[label_b], E an Embedding trained jointly."""
+
+    def __init__(self, embedding: Embedding, labels: np.ndarray):
+        self.embedding, self.labels = embedding, labels
+
+    def encode(self, indices, generator):
+        ids = to_device(self.labels[indices].astype(np.int64), backend_of(self.embedding.weight.data))
+        return self.embedding(ids)[:, None, :], None  # (B, D) → (B, 1, D): a sequence of one token
+
+    def backward(self, dcontext):
+        self.embedding.backward(dcontext[:, 0, :])
+
+
+def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None):
+    """The ``compute_grads(step, generator)`` for ``train_loop``: one step of Algorithm 1.
+
+    ``data`` is the whole training set x0 (N, C, H, W) on the model's device (float32, pixels in
+    [−1, 1] or scaled latents); batches, timesteps, noise and dropout are drawn from ``generator``
+    on the CPU, so a run is reproducible on either backend and resumes exactly.
+    """
+    check_prediction_type(config.prediction_type)
+    if conditioning is not None and not unet.config.learned_null_context and config.cond_drop_prob > 0:
+        raise ValueError("conditioning dropout needs a UNet built with learned_null_context=True")
+    schedule = config.make_schedule()
+    backend, dtype = backend_of(data), data.dtype
+    n, b = data.shape[0], config.batch_size
+
+    def compute_grads(step, generator):
+        idx = generator.integers(0, n, size=b)
+        t = generator.integers(0, schedule.num_timesteps, size=b)
+        noise = to_device(generator.standard_normal((b,) + data.shape[1:]).astype(dtype), backend)
+        dropped_np = generator.random(b) < config.cond_drop_prob
+        x0 = data[to_device(idx, backend)]
+        x_t = q_sample(x0, t, noise, schedule)
+        alpha_bar = alphas_cumprod_at(schedule, t, x0)  # (B, 1, 1, 1)
+        target = prediction_target(x0, noise, alpha_bar, config.prediction_type)
+        weights = to_device(loss_weights(schedule, t, config.prediction_type, config.loss_weighting,
+                                         config.min_snr_gamma), backend, dtype=dtype)
+
+        context = mask = None
+        if conditioning is not None:
+            context, mask = conditioning.encode(idx, generator)
+            dropped = to_device(dropped_np, backend)
+            if config.cond_drop_prob > 0:
+                context, mask = unet.replace_with_null_context(context, mask, dropped)
+        pred = unet(x_t, to_device(t.astype(dtype), backend), context, mask)
+        loss, dpred = mse_loss(pred, target, weights)
+        _, dcontext = unet.backward(dpred)
+        if conditioning is not None:
+            if config.cond_drop_prob > 0:
+                dcontext = unet.null_context_backward(dcontext, dropped)
+            conditioning.backward(dcontext)
+        return loss, {"dropped": int(dropped_np.sum()) if conditioning is not None else 0}
+
+    return compute_grads
