@@ -1,0 +1,67 @@
+"""Every chapter notebook runs top to bottom without an error, in fast mode.
+
+Notebooks are found by globbing chapters/*.ipynb, so a new chapter is tested as soon as it
+exists. Each runs in a fresh "python3" kernel started from this interpreter, with chapters/ as
+its working directory and
+
+    TINYDIFF_FAST=1                  smaller Monte-Carlo sizes and training runs
+    TINYDIFF_FIGURES_DIR=<tmp dir>   figures go there, so the test never rewrites figures/
+
+Most chapters assert their own claims (a Monte-Carlo estimate against its closed form, say), so
+a chapter whose prose no longer matches the library fails here. The kernel is started and the
+notebook executed by figures/make_figures.py's ``execute_notebook``, the same code that
+regenerates the committed outputs.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+pytest.importorskip("nbclient", reason="executing the chapters needs nbclient (pip install -e '.[dev]')")
+pytest.importorskip("nbformat", reason="executing the chapters needs nbformat (pip install -e '.[dev]')")
+pytest.importorskip("ipykernel", reason="executing the chapters needs ipykernel (pip install -e '.[dev]')")
+
+
+def _load_make_figures():
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "figures" / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_figures = _load_make_figures()
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "no notebooks found in chapters/"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_chapter_runs_in_fast_mode(notebook, tmp_path):
+    env = make_figures.kernel_env(TINYDIFF_FAST="1", TINYDIFF_FIGURES_DIR=str(tmp_path))
+    executed = make_figures.execute_notebook(notebook, env)  # raises CellExecutionError on a failing cell
+    errors = [
+        output
+        for cell in executed.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+    assert not errors, f"{notebook.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_committed_chapter_carries_its_outputs(notebook):
+    """Chapters are committed executed, top to bottom, so they read well on a code host."""
+    import nbformat
+
+    cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    counts = [c.execution_count for c in cells]
+    assert counts == list(range(1, len(cells) + 1)), (
+        f"{notebook.name} is not saved as one top-to-bottom run (execution counts {counts}); "
+        f"regenerate it with: python figures/make_figures.py {notebook.stem}"
+    )
