@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -32,6 +33,106 @@ def cmd_info(args) -> int:
     return 0
 
 
+DEFAULT_RUN_DIR = "runs/mnist-captions"
+
+
+def _use_backend(name: str | None) -> None:
+    if name:
+        from .backend import set_backend
+
+        set_backend(name)
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .train.recipes import STAGES, RecipeConfig, quick_recipe, train_mnist_captions
+
+    if args.recipe != "mnist-captions":
+        raise CLIError(f"unknown recipe {args.recipe!r}; available: mnist-captions")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise CLIError(f"--stages takes a comma-separated list of {', '.join(STAGES)}; got {args.stages!r}")
+    _use_backend(args.backend)
+    config = quick_recipe() if args.quick else RecipeConfig()
+    config.seed = args.seed
+    bars = {}
+
+    def progress(event: dict) -> None:
+        stage = event["stage"]
+        if event.get("event") == "start":
+            bars[stage] = tqdm(total=event["total_steps"], desc=f"{stage:>4}", unit="step", dynamic_ncols=True)
+        elif event.get("event") == "end":
+            bar = bars.pop(stage)
+            bar.close()
+            print(f"{stage}: done in {event['seconds']:.0f} s", file=sys.stderr)
+        else:
+            bar = bars[stage]
+            bar.n = event["step"]
+            bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
+            bar.refresh()
+
+    pipe = train_mnist_captions(args.out, stages=stages, resume=args.resume, config=config, callback=progress)
+    print(f"pipeline saved to {Path(args.out) / 'model'}; samples in {Path(args.out) / 'samples.png'}")
+    print(f'try: tinydiff sample "a bold handwritten 7" --model {Path(args.out) / "model"}')
+    del pipe
+    return 0
+
+
+def _load_pipeline(model: str | None, backend: str | None):
+    from .pipeline import TextToImagePipeline, pretrained_path
+
+    path = Path(model) if model else pretrained_path()
+    if not (path / "model_index.json").is_file():
+        hint = "train one with: tinydiff train mnist-captions" if model else "the shipped weights are missing"
+        raise CLIError(f"no tinydiff model in {path} ({hint})")
+    return TextToImagePipeline.from_pretrained(path, backend=backend)
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .diffusion.samplers import SAMPLERS
+    from .diffusion.schedules import SPACINGS
+
+    output = Path(args.output)
+    if output.suffix not in (".png", ".npy"):
+        raise CLIError(f"--output must end in .png (a grid) or .npy (raw uint8 array), got {output}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise CLIError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    if args.sigma_schedule is not None and args.sigma_schedule not in SPACINGS:
+        raise CLIError(f"unknown sigma schedule {args.sigma_schedule!r}; valid: {', '.join(SPACINGS)}")
+    if args.guidance is not None and not (np.isfinite(args.guidance) and args.guidance >= 0):
+        raise CLIError(f"--guidance must be a number ≥ 0, got {args.guidance}")
+    _use_backend(args.backend)
+    pipe = _load_pipeline(args.model, args.backend)
+    pipe.encode_prompt([args.prompt])  # unknown words or an empty prompt fail here, before any work
+    if args.negative:
+        pipe.encode_prompt([args.negative])
+    steps = args.steps if args.steps is not None else pipe.defaults.steps
+    with tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True) as bar:
+        images = pipe(args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=steps,
+                      sampler=args.sampler, sigma_schedule=args.sigma_schedule, guidance_scale=args.guidance,
+                      seed=args.seed, callback=lambda info: bar.update(1))
+    if output.suffix == ".npy":
+        np.save(output, images)
+    else:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from .viz import image_grid, save_figure
+
+        save_figure(image_grid(images, ncols=min(8, len(images)), suptitle=args.prompt), output)
+    print(f"wrote {len(images)} image(s) to {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinydiff",
@@ -41,6 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="print versions, the array backend, BLAS and whether CuPy/a GPU is usable")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a recipe end to end (mnist-captions: CLIP, VAE, latent U-Net)")
+    train.add_argument("recipe", help="the recipe to train: mnist-captions")
+    train.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"output folder (default: {DEFAULT_RUN_DIR})")
+    train.add_argument("--stages", default="clip,vae,unet", help="comma-separated stages to run (default: all)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    train.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: TINYDIFF_BACKEND or numpy)")
+    train.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
+    train.add_argument("--quick", action="store_true", help="a smoke run of under a minute (no useful model)")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="generate digits from a prompt")
+    sample.add_argument("prompt", help='what to draw, e.g. "a bold handwritten 7"')
+    sample.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
+    sample.add_argument("--num-images", type=int, default=8, help="images to generate (default: 8)")
+    sample.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
+    sample.add_argument("--sampler", help="euler, euler_ancestral, heun, dpmpp_2m, ddim, ddpm, lcm (default: dpmpp_2m)")
+    sample.add_argument("--sigma-schedule", help="karras, leading, trailing or linspace (default: karras)")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    sample.add_argument("--negative", help="negative prompt: what to steer away from")
+    sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
+    sample.add_argument("--output", default="samples.png", help="FILE.png (a grid) or FILE.npy (uint8 (N, H, W))")
+    sample.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 
@@ -50,14 +175,28 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .backend import BackendError
+    from .io import CheckpointError
+
+    expected = (CLIError, CheckpointError, BackendError) + _lazy_errors()
     try:
         return args.func(args)
-    except CLIError as err:
+    except expected as err:
         print(f"tinydiff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tinydiff: interrupted", file=sys.stderr)
         return 130
+
+
+def _lazy_errors() -> tuple:
+    """User-facing error types of the heavier modules (imported only when the CLI runs)."""
+    from .data.mnist import DatasetError
+    from .pipeline import PromptError
+    from .train.loop import TrainingDiverged
+    from .train.recipes import RecipeError
+
+    return (DatasetError, PromptError, RecipeError, TrainingDiverged)
 
 
 if __name__ == "__main__":

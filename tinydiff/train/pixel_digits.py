@@ -32,7 +32,7 @@ def pixel_unet_config() -> UNetConfig:
         in_channels=1,
         out_channels=1,
         sample_size=32,
-        block_channels=(32, 64, 64),  # 32², 16², 8²
+        block_channels=(16, 32, 64),  # 32², 16², 8²: few channels where the maps are large
         layers_per_block=1,
         attention_levels=(False, False, True),  # attention only at 8×8: 64 tokens
         context_dim=64,  # width of the label embedding token
@@ -41,7 +41,7 @@ def pixel_unet_config() -> UNetConfig:
         heads=4,
         dim_head=16,
         groups=8,
-        time_embed_dim=128,
+        time_embed_dim=64,
     )
 
 

@@ -1,0 +1,228 @@
+"""Text → image: the whole of Stable Diffusion's sampling path, in miniature and written out.
+
+    prompt ─► tokenizer ─► text encoder ─► token states (context) ─┐
+                                                                   ▼
+    seeded noise (4×8×8 latent) ─► denoising loop: U-Net + CFG + sampler ─► clean latent
+                                                                   ▼
+                                          VAE decoder ─► 32×32 image ─► crop to 28×28 uint8
+
+``TextToImagePipeline.__call__`` runs the five steps of the seed article one after another:
+
+1. **Tokenize and encode the prompt.** Words → ids → the text encoder's per-token hidden states
+   c (B, L, D), which the U-Net's cross-attention reads. The negative prompt (or, without one,
+   the U-Net's learned null context ∅) is encoded the same way: it is the "unconditional" side
+   of classifier-free guidance.
+2. **Start from noise.** z_T = σ_max · ε, with ε drawn on the CPU from one generator per image
+   (image i of seed s uses seed s + i), so a picture depends on its seed only.
+3. **Denoise step by step.** The sampler walks σ_0 > σ_1 > … > σ_n = 0; at each step the
+   denoiser D(z, σ) runs the U-Net once on [∅; c] and combines
+   x̂0 = x̂0(∅) + w · (x̂0(c) − x̂0(∅))   (Ho & Salimans 2022, eq. 6, on the x0 estimate).
+4. **Decode.** x = VAE.decode(z_0 / scaling_factor) (Rombach et al. 2022: the diffusion model
+   works on latents scaled to unit variance).
+5. **Convert.** [−1, 1] → uint8, 32×32 → the digits' native 28×28.
+
+A saved pipeline is one folder: ``model_index.json`` (format version, configs, sampler
+defaults, and the sha256 of every other file, checked on load), ``tokenizer.json``,
+``text_encoder.npz``, ``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .backend import backend_of, to_numpy
+from .data.mnist import from_model_range
+from .diffusion import Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
+from .diffusion.samplers import SAMPLERS
+from .diffusion.schedules import SPACINGS
+from .io import CheckpointError, atomic_write, load_checkpoint, load_json, save_checkpoint, sha256_file
+from .models.autoencoder import AutoencoderConfig, AutoencoderKL
+from .models.clip import TextEncoder, TextEncoderConfig
+from .models.unet import UNet, UNetConfig
+from .nn import Module, no_grad, to_state_arrays
+from .text.tokenizer import Tokenizer
+from .train.diffusion import DiffusionConfig
+
+PIPELINE_FORMAT = 1
+COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.npz", "unet": "unet.npz",
+                   "vae": "vae.npz"}
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot draw: empty, or made of words it has never seen."""
+
+
+def pretrained_path() -> Path:
+    """The folder of the pipeline shipped inside the package (trained by the default recipe)."""
+    return Path(str(resources.files("tinydiff") / "pretrained" / "mnist-captions"))
+
+
+@dataclass
+class SamplingDefaults:
+    sampler: str = "dpmpp_2m"  # DPM-Solver++ 2M (Lu et al. 2022)
+    sigma_schedule: str = "karras"  # Karras et al. 2022 ρ = 7 spacing of σ
+    steps: int = 20  # denoising steps (network evaluations, for 2M)
+    guidance_scale: float = 3.0  # classifier-free guidance weight w
+
+
+class TextToImagePipeline:
+    """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with."""
+
+    def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
+                 diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.diffusion = diffusion
+        self.defaults = defaults or SamplingDefaults()
+        self.schedule = diffusion.make_schedule()
+        for module in (text_encoder, unet, vae):
+            module.eval()
+
+    @property
+    def backend(self) -> str:
+        return backend_of(self.unet.conv_in.weight.data)
+
+    def to(self, backend: str) -> "TextToImagePipeline":
+        """Move every network to ``backend`` ('numpy' or 'cupy')."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(backend)
+        return self
+
+    # -- step 1: prompts → context ------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], *, strict: bool = True):
+        """Prompts → the text encoder's hidden states (B, L, D), on the model's backend.
+
+        With ``strict``, an empty prompt or one with words outside the vocabulary raises
+        PromptError naming them (the model has never seen those words: they would silently
+        become <unk>).
+        """
+        tokens = self.tokenizer.encode(prompts)
+        if strict:
+            unknown = sorted({w for words in tokens.unknown_words for w in words})
+            if unknown:
+                raise PromptError(
+                    f"words the model has never seen: {', '.join(unknown)} "
+                    f"(it knows: {', '.join(sorted(self.tokenizer.words))})"
+                )
+            if any(int(m.sum()) <= 2 for m in tokens.mask):  # only <bos><eos>
+                raise PromptError("the prompt is empty; describe a digit, e.g. \"a bold handwritten 7\"")
+        with no_grad():
+            hidden, _ = self.text_encoder(tokens.ids, tokens.mask)
+        return hidden
+
+    # -- the whole loop -------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, num_images: int = 1,
+                 steps: int | None = None, sampler: str | None = None, sigma_schedule: str | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, callback=None,
+                 return_latents: bool = False):
+        """Generate images: uint8 (N, 28, 28), and the final latents (N, 4, 8, 8) if asked.
+
+        ``prompt`` is one prompt for ``num_images`` images, or a list (one image each). ``seed``
+        fixes every image: image i uses seed + i, so a batch equals separate runs. ``callback``
+        receives the sampler's per-step dict {"i", "x", "sigma", "sigma_next", "denoised"}.
+        """
+        d = self.defaults
+        steps = d.steps if steps is None else steps
+        sampler = d.sampler if sampler is None else sampler
+        sigma_schedule = d.sigma_schedule if sigma_schedule is None else sigma_schedule
+        guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        _check_options(prompts, steps, sampler, sigma_schedule, guidance_scale)
+        batch = len(prompts)
+
+        # 1. the prompt (and the negative prompt, or the learned null context) as token states
+        context = self.encode_prompt(prompts)  # (B, L, D)
+        if negative_prompt:
+            uncond = self.encode_prompt([negative_prompt] * batch)
+        else:
+            uncond = self.unet.null_context(batch)  # (B, L, D): the "no prompt" context learned in training
+        denoiser = Denoiser(lambda x, t, c: self.unet(x, t, c), self.schedule, self.diffusion.prediction_type,
+                            context=context, uncond_context=uncond, guidance_scale=guidance_scale)
+
+        # 2. seeded Gaussian noise at the largest σ
+        sigmas = get_sigmas(self.schedule, steps, sigma_schedule)  # (steps + 1,), ends with 0
+        generators = per_sample_generators(seed, batch)
+        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        z = randn_per_sample(generators, shape, backend=self.backend) * float(sigmas[0])
+
+        # 3. the denoising loop (the sampler calls D(z, σ) once or twice per step)
+        with no_grad():
+            z0 = get_sampler(sampler)(denoiser, z, sigmas, rng=generators, callback=callback)
+            # 4. latents → pixels
+            x = self.vae.decode_from_diffusion(z0)  # (B, 1, 32, 32) in [−1, 1]
+        # 5. pixels → uint8 digits
+        images = from_model_range(x)  # (B, 28, 28) uint8
+        return (images, to_numpy(z0)) if return_latents else images
+
+    # -- saving and loading -----------------------------------------------------------------------
+    def save_pretrained(self, path) -> None:
+        """Write the pipeline folder; the manifest (written last) records each file's sha256."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tokenizer_json = json.dumps(self.tokenizer.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(path / COMPONENT_FILES["tokenizer"], lambda f: f.write(tokenizer_json.encode("utf-8")))
+        configs = {"text_encoder": asdict(self.text_encoder.config), "unet": self.unet.config.to_dict(),
+                   "vae": self.vae.config.to_dict()}
+        for name in ("text_encoder", "unet", "vae"):
+            module: Module = getattr(self, name)
+            save_checkpoint(path / COMPONENT_FILES[name], to_state_arrays(module), kind=name, config=configs[name])
+        manifest = {
+            "format": "tinydiff-pipeline",
+            "format_version": PIPELINE_FORMAT,
+            "diffusion": self.diffusion.to_dict(),
+            "sampling_defaults": vars(self.defaults),
+            "files": {name: {"path": f, "sha256": sha256_file(path / f)} for name, f in COMPONENT_FILES.items()},
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        atomic_write(path / "model_index.json", lambda f: f.write(text.encode("utf-8")))
+
+    @classmethod
+    def from_pretrained(cls, path=None, *, backend: str | None = None) -> "TextToImagePipeline":
+        """Load a pipeline folder (default: the shipped weights), verifying every file's sha256."""
+        path = Path(path) if path is not None else pretrained_path()
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise CheckpointError(f"{path} is not a tinydiff pipeline folder (no model_index.json)")
+        manifest = load_json(index)
+        if manifest.get("format") != "tinydiff-pipeline" or manifest.get("format_version") != PIPELINE_FORMAT:
+            raise CheckpointError(f"{index} is not a tinydiff pipeline manifest of version {PIPELINE_FORMAT}")
+        for name, entry in manifest["files"].items():
+            file = path / entry["path"]
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing from the pipeline folder")
+            if sha256_file(file) != entry["sha256"]:
+                raise CheckpointError(f"{file} does not match its sha256 in model_index.json: "
+                                      "the file was changed or damaged; restore it or retrain")
+        tokenizer = Tokenizer.from_dict(load_json(path / COMPONENT_FILES["tokenizer"]))
+        text_encoder = _load_module(path / COMPONENT_FILES["text_encoder"], "text_encoder",
+                                    lambda c: TextEncoder(TextEncoderConfig(**c)))
+        unet = _load_module(path / COMPONENT_FILES["unet"], "unet", lambda c: UNet(UNetConfig.from_dict(c)))
+        vae = _load_module(path / COMPONENT_FILES["vae"], "vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
+        pipe = cls(tokenizer, text_encoder, unet, vae, DiffusionConfig(**manifest["diffusion"]),
+                   SamplingDefaults(**manifest["sampling_defaults"]))
+        return pipe.to(backend) if backend else pipe
+
+
+def _load_module(file: Path, kind: str, build) -> Module:
+    arrays, header = load_checkpoint(file, kind=kind)
+    module = build(header["config"])
+    module.load_state_dict(arrays)
+    return module
+
+
+def _check_options(prompts, steps, sampler, sigma_schedule, guidance_scale) -> None:
+    """Clear errors for options the loop cannot run with, before any work is done."""
+    if not prompts:
+        raise ValueError("num_images must be at least 1")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    if sigma_schedule not in SPACINGS:
+        raise ValueError(f"unknown sigma schedule {sigma_schedule!r}; valid: {', '.join(SPACINGS)}")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale}")

@@ -1,0 +1,211 @@
+"""Recipe ``mnist-captions``: train the whole text-to-image system on the bundled digits.
+
+Three stages, in order, each checkpointed so an interrupted run resumes where it stopped:
+
+    clip   contrastive text/image encoders  (train/clip.py)         → the text encoder
+    vae    KL autoencoder 1×32×32 ↔ 4×8×8    (train/autoencoder.py)  → latents and the decoder
+    unet   text-conditional latent U-Net     (train/latent_unet.py)  → the denoiser
+
+then the EMA weights of the three are assembled into a ``TextToImagePipeline`` saved in
+``OUT/model``, with a loss plot per stage and a grid of samples.
+
+Folder layout::
+
+    OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
+    OUT/<stage>/loss.png                                            loss curves
+    OUT/model/                                                      the pipeline (from_pretrained)
+    OUT/samples.png                                                 "a handwritten 0" … "9"
+    OUT/recipe.json                                                 settings and wall time per stage
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..io import load_json, save_json
+from ..models.unet import UNet
+from .autoencoder import default_loop as vae_default_loop
+from .autoencoder import load_autoencoder, train_autoencoder
+from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
+from .clip import default_loop as clip_default_loop
+from .diffusion import DiffusionConfig
+from .latent_unet import latent_unet_config, train_latent_unet
+from .loop import LoopConfig
+
+STAGES = ("clip", "vae", "unet")
+
+
+@dataclass
+class RecipeConfig:
+    clip_steps: int = 1200  # contrastive steps at batch 128
+    vae_steps: int = 1500  # autoencoder steps
+    unet_steps: int = 4000  # latent U-Net steps
+    unet_batch_size: int = 64  # latents per U-Net step
+    unet_lr: float = 1e-3  # peak learning rate of the U-Net
+    clip_batch_size: int = 128  # image–caption pairs per contrastive step
+    train_subset: int | None = None  # use only the first N training digits (smoke runs)
+    seed: int = 0  # seeds every stage's initial weights and data order
+
+
+def quick_recipe() -> RecipeConfig:
+    """A smoke run of well under a minute: every code path, no useful model."""
+    return RecipeConfig(clip_steps=6, vae_steps=6, unet_steps=6, unet_batch_size=8, clip_batch_size=16,
+                        train_subset=256)
+
+
+class RecipeError(RuntimeError):
+    """The output folder or the requested stages do not fit together (message says how to fix)."""
+
+
+def _stage_loop(base: LoopConfig, steps: int, seed: int) -> LoopConfig:
+    return replace(base, total_steps=steps, warmup_steps=min(base.warmup_steps, max(1, steps // 10)),
+                   checkpoint_every=min(base.checkpoint_every, steps), seed=seed)
+
+
+def _subset(data: CaptionedDigits, n: int | None) -> CaptionedDigits:
+    return data if n is None else CaptionedDigits(*(a[:n] for a in data))
+
+
+def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config: RecipeConfig | None = None,
+                         callback: Callable[[dict], None] | None = None):
+    """Run the recipe; returns the trained ``TextToImagePipeline`` (also saved in OUT/model).
+
+    ``callback`` receives every training step's dict with "stage" added, plus
+    {"stage", "event": "start" | "end", "total_steps", "seconds"} around each stage.
+    """
+    from ..pipeline import TextToImagePipeline  # the pipeline imports the training configs
+
+    config = config or RecipeConfig()
+    out = Path(out_dir)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(STAGES)}")
+    stages = [s for s in STAGES if s in stages]  # always in pipeline order
+    paths = {s: out / s / "state.npz" for s in STAGES}
+    if not resume:
+        existing = [str(paths[s]) for s in stages if paths[s].exists()]
+        if existing:
+            raise RecipeError(f"{out} already holds a training run ({', '.join(existing)}); "
+                              "pass --resume to continue it, or choose another --out")
+    record_path = out / "recipe.json"
+    record = load_json(record_path) if resume and record_path.exists() else {}
+    record["config"] = asdict(config)
+    record.setdefault("seconds", {})
+    emit = callback or (lambda event: None)
+    train, _ = load_captioned_mnist(seed=0)
+    train = _subset(train, config.train_subset)
+
+    def run_stage(name, total_steps, fn):
+        emit({"stage": name, "event": "start", "total_steps": total_steps})
+        start = time.perf_counter()
+        result = fn(lambda d: emit({**d, "stage": name}))
+        seconds = time.perf_counter() - start
+        record["seconds"][name] = record["seconds"].get(name, 0.0) + seconds
+        save_json(record_path, record)
+        _plot_loss(result["history"], out / name / "loss.png", name)
+        emit({"stage": name, "event": "end", "total_steps": total_steps, "seconds": seconds})
+        return result
+
+    # -- stage 1: CLIP --------------------------------------------------------------------------
+    if "clip" in stages:
+        def fit_clip(cb):
+            _, _, result = train_clip(
+                loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed), batch_size=config.clip_batch_size,
+                data=train, checkpoint_path=paths["clip"], resume=resume, callback=cb)
+            return result
+
+        run_stage("clip", config.clip_steps, fit_clip)
+    clip, tokenizer = _require(load_clip, paths["clip"], "clip")
+    text_encoder = clip.text
+
+    # -- stage 2: the autoencoder -----------------------------------------------------------------
+    if "vae" in stages:
+        def fit_vae(cb):
+            _, result = train_autoencoder(
+                loop=_stage_loop(vae_default_loop(), config.vae_steps, config.seed), images=train.images,
+                checkpoint_path=paths["vae"], resume=resume, callback=cb)
+            return result
+
+        run_stage("vae", config.vae_steps, fit_vae)
+    vae = _require(load_autoencoder, paths["vae"], "vae")
+
+    # -- stage 3: the latent U-Net ----------------------------------------------------------------
+    diffusion = DiffusionConfig(batch_size=config.unet_batch_size)
+    unet = UNet(latent_unet_config(text_encoder.config.width, tokenizer.max_length), seed=config.seed)
+    if "unet" in stages:
+        unet_loop = LoopConfig(total_steps=config.unet_steps, lr=config.unet_lr, warmup_steps=200, ema_decay=0.999,
+                               checkpoint_every=500)
+
+        def fit_unet(cb):
+            result = train_latent_unet(unet, vae, text_encoder, tokenizer, train,
+                                       _stage_loop(unet_loop, config.unet_steps, config.seed), diffusion,
+                                       checkpoint_path=paths["unet"], resume=resume, callback=cb)
+            result["ema"].copy_to(unet)  # sample with the averaged weights
+            return result
+
+        run_stage("unet", config.unet_steps, fit_unet)
+    elif not paths["unet"].exists():
+        raise RecipeError(f"{paths['unet']} is missing: include the unet stage (--stages clip,vae,unet)")
+    else:
+        _load_ema(unet, paths["unet"])
+
+    # -- assemble, save, and look --------------------------------------------------------------
+    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion)
+    pipe.save_pretrained(out / "model")
+    _sample_grid(pipe, out / "samples.png", per_digit=2 if config.train_subset else 8)
+    return pipe
+
+
+def _require(load, path: Path, stage: str):
+    if not path.exists():
+        raise RecipeError(f"{path} is missing: run the {stage} stage first (--stages {stage},...)")
+    return load(path)
+
+
+def _load_ema(module, path: Path) -> None:
+    from ..io import load_checkpoint
+
+    arrays, _ = load_checkpoint(path)
+    module.load_state_dict({k[len("ema."):]: v for k, v in arrays.items() if k.startswith("ema.")})
+
+
+def _plot_loss(history, path: Path, stage: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..viz import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = np.arange(1, len(history) + 1)
+    ax.plot(steps, history, lw=0.6, alpha=0.4, label="loss per step")
+    if len(history) >= 50:
+        window = max(10, len(history) // 50)
+        smooth = np.convolve(history, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", title=f"{stage} training loss")
+    ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def _sample_grid(pipe, path: Path, per_digit: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..text.captions import zero_shot_prompts
+    from ..viz import image_grid, save_figure
+
+    prompts = [p for p in zero_shot_prompts() for _ in range(per_digit)]
+    images = pipe(prompts, seed=0)
+    fig = image_grid(images, ncols=per_digit * 2)
+    save_figure(fig, path)
+    plt.close(fig)
