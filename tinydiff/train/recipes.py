@@ -43,8 +43,8 @@ STAGES = ("clip", "vae", "unet")
 @dataclass
 class RecipeConfig:
     clip_steps: int = 1200  # contrastive steps at batch 128
-    vae_steps: int = 1500  # autoencoder steps
-    unet_steps: int = 4000  # latent U-Net steps
+    vae_steps: int = 600  # autoencoder steps at batch 32
+    unet_steps: int = 3000  # latent U-Net steps
     unet_batch_size: int = 64  # latents per U-Net step
     unet_lr: float = 1e-3  # peak learning rate of the U-Net
     clip_batch_size: int = 128  # image–caption pairs per contrastive step
