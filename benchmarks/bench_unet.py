@@ -1,0 +1,201 @@
+"""U-Net cost: training steps, pixel vs latent denoiser evaluations, and text-to-image sampling.
+
+    python benchmarks/bench_unet.py                      # every case
+    python benchmarks/bench_unet.py --cases latent-eval pixel-eval
+    python benchmarks/bench_unet.py --model runs/mnist-captions/model   # sampling with that pipeline
+
+Cases (float32, batch 64 unless said):
+
+    pixel-train   one training step (forward + backward + AdamW) of the class-conditional pixel U-Net
+    latent-train  the same for the text-conditional latent U-Net (4×8×8)
+    pixel-eval    one denoiser evaluation (U-Net forward, no caches) on 1×32×32 pixels
+    latent-eval   one denoiser evaluation on 4×8×8 latents, plus the VAE decoder it needs once
+    sample64      TextToImagePipeline: 64 images, 20 DPM++ 2M Karras steps, guidance (one 128-row
+                  U-Net call per step), text encoding and decoding included
+
+Each case runs in its own subprocess so its peak memory (ru_maxrss) is its own. FLOPs are
+counted, not estimated: every conv2d / linear / attention call in the pass is intercepted and
+its multiply-adds counted (2·M·N·K per GEMM; a backward pass costs two GEMMs per forward one).
+A float32 GEMM of 1024³ measured in the same run gives the machine's rate for comparison.
+
+The OpenBLAS variables OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on the project's machines) slow
+NumPy's GEMM; the script says whether they are set. To measure without them, unset both in the
+command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_unet.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = ("pixel-train", "latent-train", "pixel-eval", "latent-eval", "sample64")
+
+
+@contextlib.contextmanager
+def count_flops():
+    """Count the forward FLOPs of every conv2d / linear / attention call made inside the block."""
+    from tinydiff.nn import functional as F
+
+    total = {"forward": 0}
+    originals = {name: getattr(F, name) for name in ("conv2d_forward", "linear_forward", "attention_forward")}
+
+    def conv(x, w, b=None, stride=1, padding=0):
+        out, cache = originals["conv2d_forward"](x, w, b, stride, padding)
+        total["forward"] += 2 * out.size * w[0].size  # (N·O·Ho·Wo) outputs × C·kh·kw MACs
+        return out, cache
+
+    def linear(x, w, b=None):
+        out, cache = originals["linear_forward"](x, w, b)
+        total["forward"] += 2 * out.size * w.shape[1]
+        return out, cache
+
+    def attention(q, k, v, mask=None):
+        out, cache = originals["attention_forward"](q, k, v, mask)
+        total["forward"] += 2 * cache.p.size * (q.shape[-1] + v.shape[-1])  # QKᵀ and PV
+        return out, cache
+
+    for name, fn in (("conv2d_forward", conv), ("linear_forward", linear), ("attention_forward", attention)):
+        setattr(F, name, fn)
+    try:
+        yield total
+    finally:
+        for name, fn in originals.items():
+            setattr(F, name, fn)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_rate(repeats: int) -> float:
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    return 2 * 1024**3 / best_time(lambda: a @ a, repeats) / 1e9
+
+
+def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
+    from tinydiff.models import UNet
+    from tinydiff.nn import AdamW, no_grad
+    from tinydiff.train.latent_unet import latent_unet_config
+    from tinydiff.train.pixel_digits import pixel_unet_config
+
+    config = pixel_unet_config() if kind == "pixel" else latent_unet_config()
+    unet = UNet(config)
+    gen = np.random.default_rng(0)
+    size, chans = config.sample_size, config.in_channels
+    x = gen.standard_normal((batch, chans, size, size)).astype(np.float32)
+    t = gen.uniform(0, 999, batch).astype(np.float32)
+    context = gen.standard_normal((batch, config.context_length, config.context_dim)).astype(np.float32)
+    optimizer = AdamW(unet.parameters(), lr=1e-4)
+
+    def step():
+        if train:
+            unet.zero_grad()
+            out = unet(x, t, context)
+            unet.backward(out)
+            optimizer.step()
+        else:
+            with no_grad():
+                unet(x, t, context)
+
+    with count_flops() as flops:
+        step()
+    total = flops["forward"] * (3 if train else 1)  # backward: two GEMMs per forward GEMM
+    seconds = best_time(step, repeats)
+    result = {"params": unet.num_parameters(), "batch": batch, "seconds": seconds, "samples_per_s": batch / seconds,
+              "flops_per_sample": total / batch, "gflops_per_s": total / seconds / 1e9}
+    if kind == "latent" and not train:
+        from tinydiff.models import AutoencoderKL
+
+        vae = AutoencoderKL()
+        vae.config.scaling_factor = 1.0
+        z = gen.standard_normal((batch, 4, 8, 8)).astype(np.float32)
+        with count_flops() as dflops:
+            vae.decode_from_diffusion(z)
+        result["decoder_seconds"] = best_time(lambda: vae.decode_from_diffusion(z), repeats)
+        result["decoder_flops_per_sample"] = dflops["forward"] / batch
+    return result
+
+
+def _sample_case(model: str | None, repeats: int) -> dict:
+    from tinydiff.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(model)
+    seconds = best_time(lambda: pipe("a handwritten 7", num_images=64, steps=20, seed=0), repeats)
+    return {"images": 64, "steps": 20, "guidance_scale": pipe.defaults.guidance_scale, "seconds": seconds}
+
+
+def run_case(case: str, args) -> dict:
+    if case == "sample64":
+        result = _sample_case(args.model, args.repeats)
+    else:
+        kind, mode = case.split("-")
+        result = _unet_case(kind, mode == "train", args.batch, args.repeats)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", help="pipeline folder for sample64 (default: the shipped weights)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one, args)))
+        return
+
+    blas_env = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    print(f"OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"float32 GEMM 1024³: {gemm_rate(args.repeats):.1f} GFLOP/s")
+    results = {}
+    for case in args.cases:
+        command = [sys.executable, __file__, "--one", case, "--batch", str(args.batch), "--repeats", str(args.repeats)]
+        if args.model:
+            command += ["--model", args.model]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{case}: failed\n{done.stderr.strip().splitlines()[-1]}")
+            continue
+        results[case] = r = json.loads(done.stdout.strip().splitlines()[-1])
+        if case == "sample64":
+            print(f"{case:>13}: {r['seconds']:.2f} s for 64 images × 20 steps (guidance {r['guidance_scale']}), "
+                  f"peak {r['peak_rss_mb']:.0f} MB")
+        else:
+            print(f"{case:>13}: {r['seconds'] * 1e3:7.1f} ms/batch of {r['batch']}, {r['samples_per_s']:7.1f} samples/s, "
+                  f"{r['flops_per_sample'] / 1e6:7.1f} MFLOP/sample, {r['gflops_per_s']:5.1f} GFLOP/s, "
+                  f"{r['params']:,} params, peak {r['peak_rss_mb']:.0f} MB")
+    if "pixel-eval" in results and "latent-eval" in results:
+        p, lat = results["pixel-eval"], results["latent-eval"]
+        print(f"pixel vs latent, one denoiser evaluation: {p['flops_per_sample'] / lat['flops_per_sample']:.1f}× the FLOPs, "
+              f"{p['seconds'] / lat['seconds']:.1f}× the time; the VAE decoder adds "
+              f"{lat['decoder_flops_per_sample'] / 1e6:.1f} MFLOP/sample once per image "
+              f"({lat['decoder_seconds'] * 1e3:.0f} ms per batch)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
