@@ -133,6 +133,43 @@ def cmd_sample(args) -> int:
     return 0
 
 
+EVAL_ROWS = [
+    ("prompt_accuracy", "prompt accuracy (\"a handwritten {digit}\")", "{:.1%}"),
+    ("mnist_fd", "MNIST-FD, generated vs held-out", "{:.2f}"),
+    ("mnist_fd_real_vs_real", "MNIST-FD, real vs real (the floor)", "{:.2f}"),
+    ("fd_ratio", "MNIST-FD / floor", "{:.2f}×"),
+    ("ink_bold_over_thin", "ink of \"bold\" / \"thin\" prompts", "{:.2f}×"),
+    ("ink_bold_over_thin_real", "ink of bold / thin training digits", "{:.2f}×"),
+    ("bold_prompt_accuracy", "prompt accuracy, \"a bold …\"", "{:.1%}"),
+    ("thin_prompt_accuracy", "prompt accuracy, \"a thin …\"", "{:.1%}"),
+    ("clip_zero_shot_accuracy", "CLIP zero-shot accuracy (held-out)", "{:.1%}"),
+]
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import evaluate_pipeline
+
+    if args.n_per_digit < 2:
+        raise CLIError(f"--n-per-digit must be at least 2, got {args.n_per_digit}")
+    _use_backend(args.backend)
+    pipe = _load_pipeline(args.model, args.backend)
+    total = 10 * args.n_per_digit + 20 * args.n_attribute
+    with tqdm(total=total, desc="generating", unit="img", dynamic_ncols=True) as bar:
+        results = evaluate_pipeline(pipe, n_per_digit=args.n_per_digit, n_attribute=args.n_attribute,
+                                    seed=args.seed, progress=bar.update, steps=args.steps)
+    results["fd_ratio"] = results["mnist_fd"] / results["mnist_fd_real_vs_real"]
+    steps = args.steps or pipe.defaults.steps
+    print(f"\n{pipe.defaults.sampler} / {pipe.defaults.sigma_schedule}, {steps} steps, guidance "
+          f"{pipe.defaults.guidance_scale}; {results['fd_images']} images for FD")
+    print("| metric | value |\n| --- | --- |")
+    for key, label, fmt in EVAL_ROWS:
+        if key in results:
+            print(f"| {label} | {fmt.format(results[key])} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinydiff",
@@ -166,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output", default="samples.png", help="FILE.png (a grid) or FILE.npy (uint8 (N, H, W))")
     sample.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")
     sample.set_defaults(func=cmd_sample)
+
+    evaluate = sub.add_parser("eval", help="measure a model: prompt accuracy, MNIST-FD, attribute adherence, CLIP")
+    evaluate.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
+    evaluate.add_argument("--n-per-digit", type=int, default=100, help="images per digit prompt (default: 100)")
+    evaluate.add_argument("--n-attribute", type=int, default=20, help="images per bold/thin prompt and digit (default: 20)")
+    evaluate.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -23,7 +23,9 @@
 
 A saved pipeline is one folder: ``model_index.json`` (format version, configs, sampler
 defaults, and the sha256 of every other file, checked on load), ``tokenizer.json``,
-``text_encoder.npz``, ``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle).
+``text_encoder.npz``, ``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle), and
+optionally ``image_encoder.npz``: CLIP's image tower, not needed to sample, kept so that
+``tinydiff eval`` can measure CLIP's zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .diffusion.samplers import SAMPLERS
 from .diffusion.schedules import SPACINGS
 from .io import CheckpointError, atomic_write, load_checkpoint, load_json, save_checkpoint, sha256_file
 from .models.autoencoder import AutoencoderConfig, AutoencoderKL
-from .models.clip import TextEncoder, TextEncoderConfig
+from .models.clip import ImageEncoder, ImageEncoderConfig, TextEncoder, TextEncoderConfig
 from .models.unet import UNet, UNetConfig
 from .nn import Module, no_grad, to_state_arrays
 from .text.tokenizer import Tokenizer
@@ -51,6 +53,7 @@ from .train.diffusion import DiffusionConfig
 PIPELINE_FORMAT = 1
 COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.npz", "unet": "unet.npz",
                    "vae": "vae.npz"}
+OPTIONAL_FILES = {"image_encoder": "image_encoder.npz"}  # saved when the pipeline has one
 
 
 class PromptError(ValueError):
@@ -74,13 +77,18 @@ class TextToImagePipeline:
     """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with."""
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
-                 diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None):
+                 diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None,
+                 image_encoder: ImageEncoder | None = None):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.image_encoder = image_encoder
         self.diffusion = diffusion
         self.defaults = defaults or SamplingDefaults()
         self.schedule = diffusion.make_schedule()
-        for module in (text_encoder, unet, vae):
+        for module in self._modules():
             module.eval()
+
+    def _modules(self) -> list[Module]:
+        return [m for m in (self.text_encoder, self.unet, self.vae, self.image_encoder) if m is not None]
 
     @property
     def backend(self) -> str:
@@ -88,7 +96,7 @@ class TextToImagePipeline:
 
     def to(self, backend: str) -> "TextToImagePipeline":
         """Move every network to ``backend`` ('numpy' or 'cupy')."""
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in self._modules():
             module.to(backend)
         return self
 
@@ -165,17 +173,20 @@ class TextToImagePipeline:
         path.mkdir(parents=True, exist_ok=True)
         tokenizer_json = json.dumps(self.tokenizer.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(path / COMPONENT_FILES["tokenizer"], lambda f: f.write(tokenizer_json.encode("utf-8")))
-        configs = {"text_encoder": asdict(self.text_encoder.config), "unet": self.unet.config.to_dict(),
-                   "vae": self.vae.config.to_dict()}
-        for name in ("text_encoder", "unet", "vae"):
-            module: Module = getattr(self, name)
-            save_checkpoint(path / COMPONENT_FILES[name], to_state_arrays(module), kind=name, config=configs[name])
+        files = dict(COMPONENT_FILES)
+        if self.image_encoder is not None:
+            files["image_encoder"] = OPTIONAL_FILES["image_encoder"]
+        for name in files:
+            if name != "tokenizer":
+                module: Module = getattr(self, name)
+                config = module.config.to_dict() if hasattr(module.config, "to_dict") else asdict(module.config)
+                save_checkpoint(path / files[name], to_state_arrays(module), kind=name, config=config)
         manifest = {
             "format": "tinydiff-pipeline",
             "format_version": PIPELINE_FORMAT,
             "diffusion": self.diffusion.to_dict(),
             "sampling_defaults": vars(self.defaults),
-            "files": {name: {"path": f, "sha256": sha256_file(path / f)} for name, f in COMPONENT_FILES.items()},
+            "files": {name: {"path": f, "sha256": sha256_file(path / f)} for name, f in files.items()},
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         atomic_write(path / "model_index.json", lambda f: f.write(text.encode("utf-8")))
@@ -202,8 +213,12 @@ class TextToImagePipeline:
                                     lambda c: TextEncoder(TextEncoderConfig(**c)))
         unet = _load_module(path / COMPONENT_FILES["unet"], "unet", lambda c: UNet(UNetConfig.from_dict(c)))
         vae = _load_module(path / COMPONENT_FILES["vae"], "vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
+        image_encoder = None
+        if "image_encoder" in manifest["files"]:
+            image_encoder = _load_module(path / OPTIONAL_FILES["image_encoder"], "image_encoder",
+                                         lambda c: ImageEncoder(ImageEncoderConfig(**c)))
         pipe = cls(tokenizer, text_encoder, unet, vae, DiffusionConfig(**manifest["diffusion"]),
-                   SamplingDefaults(**manifest["sampling_defaults"]))
+                   SamplingDefaults(**manifest["sampling_defaults"]), image_encoder=image_encoder)
         return pipe.to(backend) if backend else pipe
 
 

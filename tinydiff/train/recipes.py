@@ -155,7 +155,7 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
         _load_ema(unet, paths["unet"])
 
     # -- assemble, save, and look --------------------------------------------------------------
-    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion)
+    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion, image_encoder=clip.image)
     pipe.save_pretrained(out / "model")
     _sample_grid(pipe, out / "samples.png", per_digit=2 if config.train_subset else 8)
     return pipe
