@@ -34,9 +34,10 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import scipy.linalg
 
-from .backend import to_numpy
-from .data.mnist import PAD
+from .backend import get_xp, to_numpy
+from .data.mnist import IMAGE_SIZE, MODEL_SIZE, PAD, load_mnist, to_model_range, train_test_split
 from .text.captions import (
     BOLD, DIGIT_WORDS, LEFT, RIGHT, TEMPLATES, THIN, probe_prompts, sample_captions, zero_shot_prompts,
 )
@@ -192,11 +193,6 @@ def evaluate_autoencoder(model, images: np.ndarray, *, batch_size: int = 250) ->
 #
 # Every function accepts images as model-range floats (N, 1, 32, 32) in [−1, 1] on either
 # backend, or as uint8 pixels (N, 28, 28) / (N, 32, 32) with 0 = background, 255 = ink.
-
-import scipy.linalg  # noqa: E402 — this section's imports, kept with it
-
-from .backend import get_xp, to_numpy  # noqa: E402
-from .data.mnist import IMAGE_SIZE, MODEL_SIZE, load_mnist, to_model_range, train_test_split  # noqa: E402
 
 
 def as_model_images(images):
