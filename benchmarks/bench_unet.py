@@ -75,12 +75,24 @@ def count_flops():
             setattr(F, name, fn)
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work (CuPy runs asynchronously); nothing to do on NumPy."""
+    from tinydiff.backend import get_backend
+
+    if get_backend() == "cupy":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
 def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocations, caches
+    fn()  # warm-up: allocations, caches, GPU kernel compilation
+    _synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -96,13 +108,15 @@ def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
     from tinydiff.train.latent_unet import latent_unet_config
     from tinydiff.train.pixel_digits import pixel_unet_config
 
+    from tinydiff.backend import to_device
+
     config = pixel_unet_config() if kind == "pixel" else latent_unet_config()
     unet = UNet(config)
     gen = np.random.default_rng(0)
     size, chans = config.sample_size, config.in_channels
-    x = gen.standard_normal((batch, chans, size, size)).astype(np.float32)
-    t = gen.uniform(0, 999, batch).astype(np.float32)
-    context = gen.standard_normal((batch, config.context_length, config.context_dim)).astype(np.float32)
+    x = to_device(gen.standard_normal((batch, chans, size, size)).astype(np.float32))
+    t = to_device(gen.uniform(0, 999, batch).astype(np.float32))
+    context = to_device(gen.standard_normal((batch, config.context_length, config.context_dim)).astype(np.float32))
     optimizer = AdamW(unet.parameters(), lr=1e-4)
 
     def step():
@@ -126,7 +140,7 @@ def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
 
         vae = AutoencoderKL()
         vae.config.scaling_factor = 1.0
-        z = gen.standard_normal((batch, 4, 8, 8)).astype(np.float32)
+        z = to_device(gen.standard_normal((batch, 4, 8, 8)).astype(np.float32))
         with count_flops() as dflops:
             vae.decode_from_diffusion(z)
         result["decoder_seconds"] = best_time(lambda: vae.decode_from_diffusion(z), repeats)
@@ -166,7 +180,9 @@ def main() -> None:
         return
 
     blas_env = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-    print(f"OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
+    from tinydiff.backend import get_backend
+
+    print(f"backend {get_backend()} (TINYDIFF_BACKEND); OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"float32 GEMM 1024³: {gemm_rate(args.repeats):.1f} GFLOP/s")

@@ -1,7 +1,7 @@
 """Metrics, one section per kind of model. Every metric is computed on the held-out digits.
 
-Inputs are NumPy arrays on the CPU (``tinydiff.backend.to_numpy`` converts): metrics are cheap
-and run once per evaluation, not per step.
+Metrics run once per evaluation, not per step. The CLIP and autoencoder metrics take NumPy
+arrays (``tinydiff.backend.to_numpy`` converts); the sample-quality ones accept either backend.
 
 CLIP (the contrastive text/image encoders)
 ------------------------------------------
