@@ -227,3 +227,22 @@ def test_get_sigmas_errors_are_clear():
         get_sigmas(s, 1001, "linspace")
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         karras_sigmas(10, 1.0, 0.5)
+
+
+@pytest.mark.parametrize("spacing", ["karras", "leading", "trailing", "linspace"])
+def test_sigma_max_caps_where_sampling_starts(spacing):
+    schedule = make_schedule("linear")
+    sigmas = get_sigmas(schedule, 20, spacing, sigma_max=14.6)
+    assert sigmas[0] <= 14.6 * (1 + 1e-9) and sigmas[-1] == 0
+    assert np.all(np.diff(sigmas) < 0) and len(sigmas) == 21
+    if spacing == "karras":
+        assert sigmas[0] == pytest.approx(14.6)
+    elif spacing in ("trailing", "linspace"):  # they start at the largest training σ not above the cap
+        assert sigmas[0] == schedule.sigmas[schedule.sigmas <= 14.6].max()
+    assert np.array_equal(get_sigmas(schedule, 20, spacing, sigma_max=1e6), get_sigmas(schedule, 20, spacing))
+
+
+def test_sigma_max_below_the_schedule_is_a_clear_error():
+    schedule = make_schedule("linear")
+    with pytest.raises(ValueError, match="must exceed the schedule's smallest sigma"):
+        get_sigmas(schedule, 10, "karras", sigma_max=schedule.sigma_min / 2)

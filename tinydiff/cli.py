@@ -108,6 +108,8 @@ def cmd_sample(args) -> int:
         raise CLIError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
     if args.sigma_schedule is not None and args.sigma_schedule not in SPACINGS:
         raise CLIError(f"unknown sigma schedule {args.sigma_schedule!r}; valid: {', '.join(SPACINGS)}")
+    if args.sigma_max is not None and not (np.isfinite(args.sigma_max) and args.sigma_max > 0):
+        raise CLIError(f"--sigma-max must be a positive number, got {args.sigma_max}")
     if args.guidance is not None and not (np.isfinite(args.guidance) and args.guidance >= 0):
         raise CLIError(f"--guidance must be a number ≥ 0, got {args.guidance}")
     _use_backend(args.backend)
@@ -119,7 +121,7 @@ def cmd_sample(args) -> int:
     with tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True) as bar:
         images = pipe(args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=steps,
                       sampler=args.sampler, sigma_schedule=args.sigma_schedule, guidance_scale=args.guidance,
-                      seed=args.seed, callback=lambda info: bar.update(1))
+                      sigma_max=args.sigma_max, seed=args.seed, callback=lambda info: bar.update(1))
     if output.suffix == ".npy":
         np.save(output, images)
     else:
@@ -162,7 +164,7 @@ def cmd_eval(args) -> int:
     results["fd_ratio"] = results["mnist_fd"] / results["mnist_fd_real_vs_real"]
     steps = args.steps or pipe.defaults.steps
     print(f"\n{pipe.defaults.sampler} / {pipe.defaults.sigma_schedule}, {steps} steps, guidance "
-          f"{pipe.defaults.guidance_scale}; {results['fd_images']} images for FD")
+          f"{pipe.defaults.guidance_scale}, sigma_max {pipe.defaults.sigma_max}; {results['fd_images']} images for FD")
     print("| metric | value |\n| --- | --- |")
     for key, label, fmt in EVAL_ROWS:
         if key in results:
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sigma-schedule", help="karras, leading, trailing or linspace (default: karras)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     sample.add_argument("--negative", help="negative prompt: what to steer away from")
+    sample.add_argument("--sigma-max", type=float, help="noise level sampling starts from (default: the model's, 14.6)")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     sample.add_argument("--output", default="samples.png", help="FILE.png (a grid) or FILE.npy (uint8 (N, H, W))")
     sample.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")

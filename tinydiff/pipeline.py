@@ -12,7 +12,7 @@
    c (B, L, D), which the U-Net's cross-attention reads. The negative prompt (or, without one,
    the U-Net's learned null context ∅) is encoded the same way: it is the "unconditional" side
    of classifier-free guidance.
-2. **Start from noise.** z_T = σ_max · ε, with ε drawn on the CPU from one generator per image
+2. **Start from noise.** z = σ_max · ε, with ε drawn on the CPU from one generator per image
    (image i of seed s uses seed s + i), so a picture depends on its seed only.
 3. **Denoise step by step.** The sampler walks σ_0 > σ_1 > … > σ_n = 0; at each step the
    denoiser D(z, σ) runs the U-Net once on [∅; c] and combines
@@ -70,7 +70,8 @@ class SamplingDefaults:
     sampler: str = "dpmpp_2m"  # DPM-Solver++ 2M (Lu et al. 2022)
     sigma_schedule: str = "karras"  # Karras et al. 2022 ρ = 7 spacing of σ
     steps: int = 20  # denoising steps (network evaluations, for 2M)
-    guidance_scale: float = 3.0  # classifier-free guidance weight w
+    guidance_scale: float = 5.0  # classifier-free guidance weight w
+    sigma_max: float | None = 14.6  # start of sampling (SD's σ_max); None: the training schedule's (157)
 
 
 class TextToImagePipeline:
@@ -126,18 +127,20 @@ class TextToImagePipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, num_images: int = 1,
                  steps: int | None = None, sampler: str | None = None, sigma_schedule: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, callback=None,
-                 return_latents: bool = False):
+                 return_latents: bool = False, sigma_max: float | None = None):
         """Generate images: uint8 (N, 28, 28), and the final latents (N, 4, 8, 8) if asked.
 
         ``prompt`` is one prompt for ``num_images`` images, or a list (one image each). ``seed``
         fixes every image: image i uses seed + i, so a batch equals separate runs. ``callback``
         receives the sampler's per-step dict {"i", "x", "sigma", "sigma_next", "denoised"}.
+        ``sigma_max`` caps the starting noise level (``schedules.get_sigmas`` says why).
         """
         d = self.defaults
         steps = d.steps if steps is None else steps
         sampler = d.sampler if sampler is None else sampler
         sigma_schedule = d.sigma_schedule if sigma_schedule is None else sigma_schedule
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        sigma_max = d.sigma_max if sigma_max is None else sigma_max
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         _check_options(prompts, steps, sampler, sigma_schedule, guidance_scale)
         batch = len(prompts)
@@ -152,7 +155,7 @@ class TextToImagePipeline:
                             context=context, uncond_context=uncond, guidance_scale=guidance_scale)
 
         # 2. seeded Gaussian noise at the largest σ
-        sigmas = get_sigmas(self.schedule, steps, sigma_schedule)  # (steps + 1,), ends with 0
+        sigmas = get_sigmas(self.schedule, steps, sigma_schedule, sigma_max=sigma_max)  # (steps + 1,), ends with 0
         generators = per_sample_generators(seed, batch)
         shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         z = randn_per_sample(generators, shape, backend=self.backend) * float(sigmas[0])

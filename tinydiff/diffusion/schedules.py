@@ -285,17 +285,29 @@ def timestep_sigmas(schedule: NoiseSchedule, timesteps) -> np.ndarray:
 
 
 def get_sigmas(
-    schedule: NoiseSchedule, n: int, spacing: str = "karras", *, steps_offset: int = 0, rho: float = 7.0
+    schedule: NoiseSchedule, n: int, spacing: str = "karras", *, steps_offset: int = 0, rho: float = 7.0,
+    sigma_max: float | None = None,
 ) -> np.ndarray:
     """The (n + 1,) decreasing σ sequence, ending with 0, for n sampling steps.
 
     'karras' spans the schedule's [σ_min, σ_max] with EDM's ρ-spacing; 'leading', 'trailing'
     and 'linspace' take σ at integer training timesteps chosen by `spaced_timesteps`.
+
+    ``sigma_max`` caps where sampling starts (None: the schedule's own σ_max). An ε-predicting
+    network's x0 estimate is x − σ·ε̂, so its error is σ times the ε error: started at the linear
+    schedule's σ_max ≈ 157, the first steps' x0 estimates are mostly error and samples come out
+    broken (REFERENCES.md, "known traps"). Starting at σ ≈ 15 (Stable Diffusion's own σ_max) the
+    signal is already 1/15 of the noise. For the timestep spacings the cap keeps the steps among
+    the training timesteps whose σ does not exceed it.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
+    top = schedule.sigma_max if sigma_max is None else min(float(sigma_max), schedule.sigma_max)
+    if not top > schedule.sigma_min:
+        raise ValueError(f"sigma_max {sigma_max} must exceed the schedule's smallest sigma {schedule.sigma_min:.4g}")
     if spacing == "karras":
         if steps_offset:
             raise ValueError("steps_offset applies to 'leading' spacing only, not 'karras'")
-        return karras_sigmas(n, schedule.sigma_min, schedule.sigma_max, rho)
-    return timestep_sigmas(schedule, spaced_timesteps(schedule.num_timesteps, n, spacing, steps_offset))
+        return karras_sigmas(n, schedule.sigma_min, top, rho)
+    usable = int(np.searchsorted(schedule.sigmas, top * (1 + SIGMA_MAX_RTOL), side="right"))  # timesteps 0..usable−1
+    return timestep_sigmas(schedule, spaced_timesteps(usable, n, spacing, steps_offset))
