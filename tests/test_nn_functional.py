@@ -467,3 +467,24 @@ def test_gradcheck_rejects_a_non_contiguous_input():
     x = np.random.default_rng(1).standard_normal((3, 4)).T
     with pytest.raises(ValueError, match="x is not C-contiguous"):
         gradcheck(lambda: x * 2, lambda dout: {"x": 2 * dout}, {"x": x})
+
+
+def test_conv2d_in_many_small_chunks_equals_one_chunk(monkeypatch):
+    """The batch is processed a few images at a time; chunk boundaries must not change anything."""
+    from tinydiff.nn import conv
+
+    gen = np.random.default_rng(11)
+    x = gen.standard_normal((5, 3, 7, 6))
+    w = gen.standard_normal((4, 3, 3, 3))
+    b = gen.standard_normal(4)
+    for stride, padding in [(1, 1), (2, 1), (1, 0)]:
+        out, cache = conv.conv2d_forward(x, w, b, stride, padding)
+        dout = gen.standard_normal(out.shape)
+        grads = conv.conv2d_backward(dout, cache)
+        monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # one image per chunk, uneven last chunk irrelevant
+        out_small, cache_small = conv.conv2d_forward(x, w, b, stride, padding)
+        grads_small = conv.conv2d_backward(dout, cache_small)
+        monkeypatch.undo()
+        np.testing.assert_allclose(out_small, out, rtol=1e-12, atol=1e-12)
+        for g_small, g in zip(grads_small, grads):
+            np.testing.assert_allclose(g_small, g, rtol=1e-12, atol=1e-12)

@@ -1,19 +1,50 @@
-"""2-D convolution (im2col + one GEMM) and nearest-neighbour 2× upsampling: forward/backward pairs.
+"""2-D convolution (im2col + GEMM, a few images at a time) and nearest-neighbour 2× upsampling.
 
-Convolution as a matrix product (the cs231n "fast layers" layout):
+Convolution as a matrix product (the cs231n "fast layers" layout), for a chunk of m images:
 
-    cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j]       (C·kh·kw, N·Ho·Wo)
-    out[o, (n, y, x)]          = Σ_(c,i,j) W[o, (c, i, j)] · cols     (one GEMM)
+    cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j]       (C·kh·kw, m·Ho·Wo)
+    out[o, (n, y, x)]          = Σ_(c,i,j) W[o, (c, i, j)] · cols     (one GEMM per chunk)
 
-The loops below run over the kh·kw kernel offsets (9 for a 3×3 kernel), never over pixels.
-Backward is the same two GEMMs transposed, and "col2im" adds each offset's slice back.
+The loops below run over the kh·kw kernel offsets (9 for a 3×3 kernel) and over chunks of
+images, never over pixels. Why this shape (measured on the project's 2-core CPUs; numbers in
+benchmarks/README.md):
+
+* **Channel-major columns.** cols is indexed (c, i, j) × (n, y, x), so the block of one kernel
+  offset, ``cols6[:, i, j]`` of shape (C, m, Ho, Wo), is a plain copy of a window of x seen
+  channel-first. The GEMM's output comes out channel-first too and is put back in
+  (N, O, Ho, Wo) order once, with the bias added during that copy.
+* **A few images at a time** (``CHUNK_BYTES`` of cols, at most 2 MiB: 14 images of 64 channels
+  at 8×8, one image of 32 channels at 32×32). The copy that builds cols, the GEMM that reads it
+  and the GEMM's output stay in the CPU's caches, and the skinny GEMMs run close to the
+  square-matrix rate. One cols for the whole batch (75 MB for 64 images of 32×32×32) would go
+  to memory and back, and NumPy's temporaries over ~32 MB are fresh mmap'd pages that fault on
+  every call.
+* **No padded copy of x.** The cols buffer is zeroed once and reused for every chunk; entries
+  that fall in the zero padding are simply never written.
+* **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
+  rather than holding 9× the activations' memory until the backward pass; inference
+  (``no_grad``) keeps nothing but references.
+* **Backward.** dW = Σ_chunks dout·colsᵀ, computed as (cols·doutᵀ)ᵀ (the faster BLAS layout).
+  The input gradient of a stride-1 convolution is itself a correlation: dx = dout ⋆ W', W' the
+  kernel rotated by 180° with its in/out channels swapped, padding kh−1−p (the "transposed
+  convolution"), so it runs the same im2col + GEMM as the forward pass. A strided convolution,
+  or one with few input channels (see ``_dx_by_transposed_conv``), uses col2im instead:
+  dcols = Wᵀ·dout, and each offset's slice is added back to the pixels it came from.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import get_xp
+from ..backend import backend_of, get_xp
+
+CHUNK_BYTES = 2 << 20  # one chunk's cols, about an L2 cache. 0.5-2 MiB ran alike on one thread; the
+#                        largest means the fewest GEMM calls (each one a sync point for multi-threaded BLAS)
+GPU_CHUNK_BYTES = 1 << 30  # on a GPU, caches don't help and every chunk is more kernel launches: one chunk
+
+
+def _chunk_bytes(x) -> int:
+    return GPU_CHUNK_BYTES if backend_of(x) == "cupy" else CHUNK_BYTES
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -22,19 +53,80 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 class Conv2dCache(NamedTuple):
-    cols: object  # (C·kh·kw, N·Ho·Wo)
+    x: object  # (N, C, H, W), the input itself (not a copy): backward rebuilds cols from it
     w: object  # (O, C, kh, kw)
-    x_shape: tuple
     stride: int
     padding: int
     has_bias: bool
 
 
-def _pad(x, padding: int):
-    if padding == 0:
-        return x
+def _valid_range(offset: int, size: int, out_size: int, stride: int, padding: int) -> tuple[int, int]:
+    """Output positions [lo, hi) whose input index y·stride + offset − padding lies in [0, size);
+    for the other outputs this kernel offset sees the zero padding."""
+    lo = max(0, -((offset - padding) // stride))  # ⌈(padding − offset) / stride⌉, at least 0
+    hi = min(out_size, (size - 1 + padding - offset) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def _offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w):
+    """For each kernel offset (i, j): (i, j, output window, input window) of the positions where
+    x_pad[y·s + i, x·s + j] is a real pixel (offsets that see only padding are skipped)."""
+    for i in range(kh):
+        y0, y1 = _valid_range(i, h, ho, stride, pad_h)
+        for j in range(kw):
+            x0, x1 = _valid_range(j, wd, wo, stride, pad_w)
+            if y1 > y0 and x1 > x0:
+                r0, c0 = y0 * stride + i - pad_h, x0 * stride + j - pad_w  # first input row, column
+                in_rows = slice(r0, r0 + (y1 - y0 - 1) * stride + 1, stride)
+                in_cols = slice(c0, c0 + (x1 - x0 - 1) * stride + 1, stride)
+                yield i, j, (slice(y0, y1), slice(x0, x1)), (in_rows, in_cols)
+
+
+def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
+    """Yield (start, cols) for consecutive chunks of the images of x (N, C, H, W): cols
+    (C·kh·kw, m·Ho·Wo) holds the patches of images start … start+m−1 in the layout above.
+
+    One buffer serves every chunk (use each cols before asking for the next); it is allocated
+    with zeros, and only entries that see a real pixel are ever written.
+    """
     xp = get_xp(x)
-    return xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    n, c, h, wd = x.shape
+    ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
+    per_image = c * kh * kw * ho * wo * x.itemsize
+    chunk = max(1, min(n, _chunk_bytes(x) // per_image))
+    one_by_one = kh == kw == 1 and stride == 1 and pad_h == pad_w == 0  # then cols is x, channel-major
+    slices = list(_offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w))
+    cols6 = None
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        xt = x[start : start + m].transpose(1, 0, 2, 3)  # (m, C, H, W) → (C, m, H, W), a view
+        if one_by_one:
+            yield start, xt.reshape(c, m * h * wd)  # (C, m, H, W) → (C, m·H·W): a copy unless m = 1
+            continue
+        if cols6 is None or cols6.shape[3] != m:  # the first chunk, or a shorter last one
+            cols6 = xp.zeros((c, kh, kw, m, ho, wo), dtype=x.dtype)
+        for i, j, (ys, xs), (in_rows, in_cols) in slices:
+            cols6[:, i, j, :, ys, xs] = xt[:, :, in_rows, in_cols]
+        yield start, cols6.reshape(c * kh * kw, m * ho * wo)
+
+
+def _correlate(x, w, b, stride: int, pad_h: int, pad_w: int):
+    """out[n, o, y, x] = b[o] + Σ_{c,i,j} w[o, c, i, j] · x_pad[n, c, y·s + i, x·s + j], chunk by
+    chunk.  x (N, C, H, W), w (O, C, kh, kw), b (O,) or None → out (N, O, Ho, Wo)."""
+    xp = get_xp(x, w)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
+    w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
+    out = xp.empty((n, o, ho, wo), dtype=x.dtype)
+    for start, cols in _im2col_chunks(x, kh, kw, stride, pad_h, pad_w):
+        m = cols.shape[1] // (ho * wo)
+        chunk_out = (w_mat @ cols).reshape(o, m, ho, wo).transpose(1, 0, 2, 3)  # (O, m·Ho·Wo) → (m, O, Ho, Wo)
+        if b is None:
+            out[start : start + m] = chunk_out
+        else:  # the bias is added while copying into place
+            xp.add(chunk_out, b.reshape(1, o, 1, 1), out=out[start : start + m])
+    return out
 
 
 def conv2d_forward(x, w, b=None, stride: int = 1, padding: int = 0):
@@ -44,7 +136,6 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding: int = 0):
     Ho = ⌊(H + 2p − kh)/s⌋ + 1 (same for Wo).
     out[n, o, y, x] = b[o] + Σ_{c,i,j} W[o, c, i, j] · x_pad[n, c, y·s + i, x·s + j]
     """
-    xp = get_xp(x, w)
     n, c, h, wd = x.shape
     o, c_w, kh, kw = w.shape
     if c != c_w:
@@ -52,48 +143,69 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding: int = 0):
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"conv2d: input {h}×{wd} is smaller than the {kh}×{kw} kernel with padding {padding}")
-    x_pad = _pad(x, padding)
-    if kh == kw == 1 and stride == 1:
-        cols = x_pad.transpose(1, 0, 2, 3).reshape(c, n * ho * wo)  # (C, N·H·W)
-    else:
-        cols6 = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                patch = x_pad[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]  # (N, C, Ho, Wo)
-                cols6[:, i, j] = patch.transpose(1, 0, 2, 3)
-        cols = cols6.reshape(c * kh * kw, n * ho * wo)
-    out = w.reshape(o, -1) @ cols  # (O, N·Ho·Wo)
-    out = xp.ascontiguousarray(out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))  # (N, O, Ho, Wo)
-    if b is not None:
-        out += b.reshape(1, o, 1, 1)
-    return out, Conv2dCache(cols, w, x.shape, stride, padding, b is not None)
+    out = _correlate(x, w, b, stride, padding, padding)
+    return out, Conv2dCache(x, w, stride, padding, b is not None)
+
+
+def _dx_by_transposed_conv(c: int, o: int, kh: int, kw: int, stride: int, padding: int) -> bool:
+    """Whether dx is computed as the correlation dout ⋆ W' (else by col2im).
+
+    Only for stride 1 and padding ≤ kernel − 1 (so that padding kh−1−p is not negative), and a
+    kernel larger than 1×1 (for 1×1, col2im is a plain copy). Cost per pixel: the correlation
+    copies O·kh·kw numbers (im2col of dout); col2im writes C·kh·kw and adds them back
+    (a read-modify-write, about two copies). So: O < 2C.
+    """
+    return stride == 1 and kh * kw > 1 and padding < min(kh, kw) and o < 2 * c
+
+
+def _col2im(dcols, m: int, c: int, h: int, wd: int, kh: int, kw: int, stride: int, padding: int):
+    """The adjoint of im2col: each entry of dcols (C·kh·kw, m·Ho·Wo) is added back to the input
+    pixel it was copied from (entries that came from the zero padding are dropped).
+    Returns dx (m, C, H, W) as a view."""
+    xp = get_xp(dcols)
+    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
+    dcols6 = dcols.reshape(c, kh, kw, m, ho, wo)  # (C·kh·kw, m·Ho·Wo) → (C, kh, kw, m, Ho, Wo)
+    if kh == kw == 1 and stride == 1 and padding == 0:  # every pixel was copied exactly once
+        return dcols6.reshape(c, m, h, wd).transpose(1, 0, 2, 3)  # (C, m, H, W) → (m, C, H, W)
+    dxt = xp.zeros((c, m, h, wd), dtype=dcols.dtype)  # dx, channel-major like cols
+    for i, j, (ys, xs), (in_rows, in_cols) in _offset_slices(kh, kw, h, wd, ho, wo, stride, padding, padding):
+        dxt[:, :, in_rows, in_cols] += dcols6[:, i, j, :, ys, xs]  # one offset never hits a pixel twice
+    return dxt.transpose(1, 0, 2, 3)  # (C, m, H, W) → (m, C, H, W)
 
 
 def conv2d_backward(dout, cache: Conv2dCache):
-    """dW = dout·colsᵀ,  db = Σ_{n,y,x} dout,  dcols = Wᵀ·dout, then col2im (scatter-add) gives dx.
+    """dW = dout·colsᵀ,  db = Σ_{n,y,x} dout,  and dx, either as the correlation of dout with the
+    rotated, channel-swapped kernel (stride 1):
+
+        dx[n, c, y, x] = Σ_{o,i,j} W[o, c, kh−1−i, kw−1−j] · dout_pad[n, o, y + i, x + j],
+        dout_pad = dout padded by kh−1−p (kw−1−p),
+
+    or by col2im (scatter-add) of dcols = Wᵀ·dout.
 
     Returns (dx (N, C, H, W), dw (O, C, kh, kw), db (O,) or None).
     """
-    cols, w, (n, c, h, wd), stride, padding, has_bias = cache
-    xp = get_xp(dout)
+    x, w, stride, padding, has_bias = cache
+    xp = get_xp(dout, w)
+    n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     ho, wo = dout.shape[2], dout.shape[3]
-    d2 = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N·Ho·Wo)
-    dw = (d2 @ cols.T).reshape(w.shape)
-    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
-    dcols = w.reshape(o, -1).T @ d2  # (C·kh·kw, N·Ho·Wo)
-    if kh == kw == 1 and stride == 1 and padding == 0:
-        dx = xp.ascontiguousarray(dcols.reshape(c, n, h, wd).transpose(1, 0, 2, 3))
-        return dx, dw, db
-    dcols6 = dcols.reshape(c, kh, kw, n, ho, wo)
-    dx_pad = xp.zeros((n, c, h + 2 * padding, wd + 2 * padding), dtype=dout.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dx_pad[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += dcols6[:, i, j].transpose(
-                1, 0, 2, 3
-            )
-    dx = dx_pad[:, :, padding : padding + h, padding : padding + wd]
-    return xp.ascontiguousarray(dx), dw, db
+    w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
+    transposed = _dx_by_transposed_conv(c, o, kh, kw, stride, padding)
+    dw_t = xp.zeros((c * kh * kw, o), dtype=dout.dtype)  # dWᵀ, summed over the chunks
+    dx = None if transposed else xp.empty(x.shape, dtype=dout.dtype)
+    for start, cols in _im2col_chunks(x, kh, kw, stride, padding, padding):
+        m = cols.shape[1] // (ho * wo)
+        d_mat = dout[start : start + m].transpose(1, 0, 2, 3).reshape(o, -1)  # (m, O, Ho, Wo) → (O, m·Ho·Wo)
+        dw_t += cols @ d_mat.T  # (C·kh·kw, O) = (dout·colsᵀ)ᵀ
+        if not transposed:
+            dx[start : start + m] = _col2im(w_mat.T @ d_mat, m, c, h, wd, kh, kw, stride, padding)
+    if transposed:
+        w_rot = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (O, C, kh, kw) → (C, O, kh, kw), rotated 180°
+        dx = _correlate(dout, w_rot, None, 1, kh - 1 - padding, kw - 1 - padding)
+    dw = xp.ascontiguousarray(dw_t.T).reshape(w.shape)  # (O, C·kh·kw) → (O, C, kh, kw)
+    # db: Σ over n, then over (y, x); several times faster than one sum over axes (0, 2, 3)
+    db = dout.sum(axis=0).reshape(o, ho * wo).sum(axis=1) if has_bias else None  # (O, Ho, Wo) → (O, Ho·Wo) → (O,)
+    return dx, dw, db
 
 
 def upsample_nearest2x_forward(x):
