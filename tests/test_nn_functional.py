@@ -242,7 +242,8 @@ def naive_group_norm_dx(dout, x, groups, gamma, eps=1e-5):
 def test_group_norm_matches_naive_loops_forward_and_gradients(backends):
     g = np.random.default_rng(4)
     x, gamma, beta = 3.0 * g.standard_normal((2, 6, 3, 3)) + 1.0, g.standard_normal(6), g.standard_normal(6)
-    out, cache = F.group_norm_forward(*(to_device(a, backends) for a in (x, 3, gamma, beta)))
+    x_d, gamma_d, beta_d = (to_device(a, backends) for a in (x, gamma, beta))
+    out, cache = F.group_norm_forward(x_d, 3, gamma_d, beta_d)  # the group count stays a Python int
     np.testing.assert_allclose(to_numpy(out), naive_group_norm(x, 3, gamma, beta), rtol=1e-10, atol=1e-12)
     dout = g.standard_normal(x.shape)
     dx, dgamma, dbeta = (to_numpy(a) for a in F.group_norm_backward(to_device(dout, backends), cache))
