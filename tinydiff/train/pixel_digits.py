@@ -78,11 +78,13 @@ def train_pixel_digits(model: PixelDigitModel, loop: LoopConfig, diffusion: Diff
 
 def generate_digits(model: PixelDigitModel, labels, *, diffusion: DiffusionConfig | None = None, steps: int = 50,
                     sampler: str = "ddpm", spacing: str = "leading", guidance_scale: float = 3.0, seed: int = 0,
-                    callback=None):
+                    sigma_max: float | None = 14.6, callback=None):
     """Sample one image per label: (B, 1, 32, 32) in model range [−1, 1], on the model's backend.
 
     The default is DDPM ancestral sampling (Ho et al. Algorithm 2) over ``steps`` evenly spaced
-    training timesteps; any sampler and σ spacing of tinydiff.diffusion works.
+    training timesteps; any sampler and σ spacing of tinydiff.diffusion works. Sampling starts at
+    ``sigma_max`` (None: the schedule's σ_max ≈ 157, where an ε-model's x0 estimate is mostly
+    error; see ``schedules.get_sigmas``).
     """
     diffusion = diffusion or DiffusionConfig()
     backend = backend_of(model.unet.conv_in.weight.data)
@@ -98,7 +100,7 @@ def generate_digits(model: PixelDigitModel, labels, *, diffusion: DiffusionConfi
             uncond_context=model.unet.null_context(batch),
             guidance_scale=guidance_scale,
         )
-        sigmas = get_sigmas(denoiser.schedule, steps, spacing)
+        sigmas = get_sigmas(denoiser.schedule, steps, spacing, sigma_max=sigma_max)
         gens = per_sample_generators(seed, batch)
         x = randn_per_sample(gens, (batch, model.unet.config.in_channels, size, size), backend=backend) * float(sigmas[0])
         x0 = get_sampler(sampler)(denoiser, x, sigmas, rng=gens, callback=callback)
