@@ -133,7 +133,7 @@ KILLABLE_RUN = textwrap.dedent(
         loss, d = nn.mse_loss(model(X[idx]), 2 * X[idx, :2])
         model.backward(d)
         return loss, {}
-    train_loop(model, grads, LoopConfig(total_steps=60, warmup_steps=5, checkpoint_every=3),
+    train_loop(model, grads, LoopConfig(total_steps=200, warmup_steps=5, checkpoint_every=3),
                checkpoint_path=sys.argv[1], resume=True, kind="killable")
     np.save(sys.argv[1] + ".final.npy", model.weight.data)
     """
@@ -146,14 +146,16 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
     reference = tmp_path / "reference.npz"
     subprocess.run([sys.executable, str(script), str(reference), "0"], check=True, timeout=120, env=subprocess_env())
     checkpoint = tmp_path / "killed.npz"
-    delay = np.random.default_rng().uniform(1.0, 2.0)  # somewhere inside the run, not at a fixed step
     proc = subprocess.Popen([sys.executable, str(script), str(checkpoint), "0.02"], env=subprocess_env())
-    time.sleep(delay)
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and time.monotonic() < deadline:  # the run is under way
+        time.sleep(0.01)
+    time.sleep(np.random.default_rng().uniform(0.0, 2.0))  # then a random moment, mid-step or mid-write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     from tinydiff.io import load_checkpoint
 
     _, header = load_checkpoint(checkpoint, kind="killable")  # never half-written
-    assert 0 < header["extra"]["step"] < 60
+    assert 0 < header["extra"]["step"] < 200
     subprocess.run([sys.executable, str(script), str(checkpoint), "0"], check=True, timeout=120, env=subprocess_env())
     assert np.array_equal(np.load(str(reference) + ".final.npy"), np.load(str(checkpoint) + ".final.npy"))
