@@ -18,9 +18,7 @@ import contextlib
 from collections import OrderedDict
 from typing import Iterator
 
-import numpy as np
-
-from ..backend import DEFAULT_DTYPE, backend_of, get_xp, rng, to_device, to_numpy
+from ..backend import CHECK_DTYPE, DEFAULT_DTYPE, backend_of, get_xp, rng, to_device, to_numpy
 
 # --------------------------------------------------------------------------- inference mode
 
@@ -54,7 +52,7 @@ def manual_seed(seed: int) -> None:
     _init_generator = rng(seed)
 
 
-def init_generator() -> np.random.Generator:
+def init_generator():
     """The CPU generator new layers draw their initial weights from."""
     return _init_generator
 
@@ -168,9 +166,9 @@ class Module:
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         misshaped = [
-            f"{k}: checkpoint {tuple(np.shape(state[k]))} vs model {tuple(own[k].shape)}"
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
             for k in own
-            if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)
+            if k in state and tuple(state[k].shape) != tuple(own[k].shape)
         ]
         problems = []
         if strict and missing:
@@ -202,10 +200,10 @@ class Module:
         return self._map_parameters(lambda a: a.astype(dtype))
 
     def double(self) -> "Module":
-        return self.astype(np.float64)
+        return self.astype(CHECK_DTYPE)
 
     def float(self) -> "Module":
-        return self.astype(np.float32)
+        return self.astype(DEFAULT_DTYPE)
 
     # -- helpers for subclasses ------------------------------------------------------------
     def _keep(self, cache):
@@ -285,6 +283,6 @@ class Sequential(ModuleList):
         return dout
 
 
-def to_state_arrays(module: Module) -> dict[str, np.ndarray]:
+def to_state_arrays(module: Module) -> dict:
     """A CPU (NumPy) copy of the state dict, for saving."""
     return {k: to_numpy(v).copy() for k, v in module.state_dict().items()}

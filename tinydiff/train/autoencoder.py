@@ -29,10 +29,9 @@ from ..backend import backend_of, randn, rng, to_device
 from ..data.mnist import iterate_minibatches, load_mnist, to_model_range, train_test_split
 from ..io import load_checkpoint, save_checkpoint
 from ..models.autoencoder import AutoencoderConfig, AutoencoderKL, vae_loss
-from .loop import LoopConfig, train_loop
+from .loop import LoopConfig, checkpoint_weights, train_loop
 
 CHECKPOINT_KIND = "vae-train"
-WEIGHT_PREFIXES = {"ema": "ema.", "last": "model."}
 
 
 def load_digit_splits(path=None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,15 +123,10 @@ def load_autoencoder(path: str | Path, *, weights: str = "ema") -> AutoencoderKL
 
     weights: "ema" (the exponential moving average, the better model) or "last".
     """
-    if weights not in WEIGHT_PREFIXES:
-        raise ValueError(f"weights must be one of {sorted(WEIGHT_PREFIXES)}, got {weights!r}")
     arrays, header = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    state = checkpoint_weights(arrays, weights, path=path)
     config = AutoencoderConfig.from_dict(header["config"]["autoencoder"])
     config.scaling_factor = header["config"].get("scaling_factors", {}).get(weights)
     model = AutoencoderKL(config)
-    prefix = WEIGHT_PREFIXES[weights]
-    if not any(k.startswith(prefix) for k in arrays):
-        raise ValueError(f"{path} holds no {weights!r} weights (was it trained with ema_decay=None?); "
-                         "use weights='last'")
-    model.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+    model.load_state_dict(state)
     return model.eval()

@@ -39,7 +39,7 @@ from ..models.clip import CLIP, CLIPConfig
 from ..nn import manual_seed
 from ..text.captions import assign_attributes, fit_thresholds, measure_images, sample_captions
 from ..text.tokenizer import Tokenizer
-from .loop import LoopConfig, train_loop
+from .loop import LoopConfig, checkpoint_weights, train_loop
 
 CHECKPOINT_KIND = "clip-train"
 
@@ -132,11 +132,7 @@ def load_clip(path: str | Path, *, weights: str = "ema") -> tuple[CLIP, Tokenize
 
     weights: "ema" (the exponential moving average, the better model) or "last".
     """
-    prefixes = {"ema": "ema.", "last": "model."}
-    if weights not in prefixes:
-        raise ValueError(f"weights must be one of {sorted(prefixes)}, got {weights!r}")
     arrays, header = load_checkpoint(path, kind=CHECKPOINT_KIND)
     model = CLIP(CLIPConfig.from_dict(header["config"]["clip"]))
-    prefix = prefixes[weights]
-    model.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+    model.load_state_dict(checkpoint_weights(arrays, weights, path=path))
     return model.eval(), Tokenizer.from_dict(header["config"]["tokenizer"])

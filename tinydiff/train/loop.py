@@ -29,6 +29,22 @@ from ..nn.module import Module, to_state_arrays
 from ..nn.optim import EMA, AdamW, clip_grad_norm, warmup_cosine_lr
 
 
+WEIGHT_PREFIXES = {"last": "model.", "ema": "ema."}  # where a checkpoint keeps each set of weights
+
+
+def checkpoint_weights(arrays: dict, weights: str = "ema", *, path=None) -> dict:
+    """The state dict of one weight set ("ema": the moving average, "last": the final weights)
+    from a ``train_loop`` checkpoint's arrays, prefixes stripped."""
+    if weights not in WEIGHT_PREFIXES:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_PREFIXES)}, got {weights!r}")
+    prefix = WEIGHT_PREFIXES[weights]
+    state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path or 'the checkpoint'} holds no {weights!r} weights "
+                         "(was it trained with ema_decay=None?); use weights='last'")
+    return state
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/Inf; the last good checkpoint is kept untouched."""
 
@@ -88,7 +104,7 @@ def train_loop(
 
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         arrays, header = load_checkpoint(checkpoint_path, kind=kind)
-        model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        model.load_state_dict(checkpoint_weights(arrays, "last", path=checkpoint_path))
         optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}
                                   | {"step_count": header["extra"]["optimizer_steps"]})
         if ema is not None:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..io import load_json, save_json
+from ..io import load_checkpoint, load_json, save_json
 from ..models.unet import UNet
 from .autoencoder import default_loop as vae_default_loop
 from .autoencoder import load_autoencoder, train_autoencoder
@@ -35,7 +35,7 @@ from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
 from .clip import default_loop as clip_default_loop
 from .diffusion import DiffusionConfig
 from .latent_unet import latent_unet_config, train_latent_unet
-from .loop import LoopConfig
+from .loop import LoopConfig, checkpoint_weights
 
 STAGES = ("clip", "vae", "unet")
 
@@ -152,7 +152,7 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
     elif not paths["unet"].exists():
         raise RecipeError(f"{paths['unet']} is missing: include the unet stage (--stages clip,vae,unet)")
     else:
-        _load_ema(unet, paths["unet"])
+        unet.load_state_dict(checkpoint_weights(load_checkpoint(paths["unet"])[0], "ema", path=paths["unet"]))
 
     # -- assemble, save, and look --------------------------------------------------------------
     pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion, image_encoder=clip.image)
@@ -165,13 +165,6 @@ def _require(load, path: Path, stage: str):
     if not path.exists():
         raise RecipeError(f"{path} is missing: run the {stage} stage first (--stages {stage},...)")
     return load(path)
-
-
-def _load_ema(module, path: Path) -> None:
-    from ..io import load_checkpoint
-
-    arrays, _ = load_checkpoint(path)
-    module.load_state_dict({k[len("ema."):]: v for k, v in arrays.items() if k.startswith("ema.")})
 
 
 def _plot_loss(history, path: Path, stage: str) -> None:
