@@ -209,3 +209,13 @@ def test_minibatches_resume_at_a_step():
 def test_minibatch_size_is_checked():
     with pytest.raises(ValueError, match="batch_size"):
         iterate_minibatches(np.arange(10), 11, np.random.default_rng(0))
+
+
+def test_step_batches_started_mid_run_continue_the_same_order():
+    from tinydiff.data.mnist import step_batches
+
+    straight = step_batches(50, 8, seed=3)
+    first = [straight(step) for step in range(20)]
+    resumed = step_batches(50, 8, seed=3)
+    for step in range(13, 20):  # a run resumed at step 13 (mid-epoch: 6 batches per epoch)
+        assert np.array_equal(resumed(step), first[step])

@@ -34,7 +34,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -272,6 +272,25 @@ def iterate_minibatches(
     if not 0 < batch_size <= len(indices):  # checked here, not at the first next()
         raise ValueError(f"batch_size must be between 1 and len(indices) = {len(indices)}, got {batch_size}")
     return _minibatches(indices, batch_size, generator, start_step)
+
+
+def step_batches(n: int, batch_size: int, seed: int) -> Callable[[int], np.ndarray]:
+    """``batch(step)``: the indices (into n examples) of each training step's batch.
+
+    Steps must come one after another, but the first may be any step, as when a run resumes:
+    the order is ``iterate_minibatches`` over a generator seeded with ``seed`` (its own, so other
+    random draws cannot shift it), started at that first step. A run of 2N steps and a run of N
+    steps + resume + N steps therefore see the same batches.
+    """
+    batches = None
+
+    def batch(step: int) -> np.ndarray:
+        nonlocal batches
+        if batches is None:  # the first call: step 0, or where a resumed run picks up
+            batches = iterate_minibatches(np.arange(n), batch_size, np.random.default_rng(seed), start_step=step)
+        return next(batches)
+
+    return batch
 
 
 def _minibatches(

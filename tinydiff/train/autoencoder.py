@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..backend import backend_of, randn, rng, to_device
-from ..data.mnist import iterate_minibatches, load_mnist, to_model_range, train_test_split
+from ..backend import backend_of, randn, to_device
+from ..data.mnist import load_mnist, step_batches, to_model_range, train_test_split
 from ..io import load_checkpoint, save_checkpoint
 from ..models.autoencoder import AutoencoderConfig, AutoencoderKL, vae_loss
 from .loop import LoopConfig, checkpoint_weights, train_loop
@@ -79,13 +79,10 @@ def train_autoencoder(
     images = images if images is not None else load_digit_splits()[0]
     model = AutoencoderKL(config, seed=loop.seed)
     backend, dtype = backend_of(model.encoder.conv_in.weight.data), model.encoder.conv_in.weight.data.dtype
-    batches = None
+    batch_at = step_batches(len(images), batch_size, loop.seed + 1)
 
     def compute_grads(step: int, generator: np.random.Generator) -> tuple[float, dict]:
-        nonlocal batches
-        if batches is None:  # first call: step is 0, or where a resumed run picks up
-            batches = iterate_minibatches(np.arange(len(images)), batch_size, rng(loop.seed + 1), start_step=step)
-        idx = next(batches)  # (B,)
+        idx = batch_at(step)  # (B,)
         x = to_device(images[idx], backend, dtype)  # (B, 1, 32, 32)
         eps = randn(generator, (len(idx),) + config.latent_shape, dtype=dtype, backend=backend)  # (B, 4, 8, 8)
         x_hat, mean, logvar = model(x, eps)

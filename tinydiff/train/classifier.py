@@ -27,8 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..backend import backend_of, rng, to_device
-from ..data.mnist import PAD, iterate_minibatches, load_mnist, to_model_range, train_test_split
+from ..backend import backend_of, to_device
+from ..data.mnist import PAD, load_mnist, step_batches, to_model_range, train_test_split
 from ..io import load_checkpoint, save_checkpoint
 from ..models.classifier import ClassifierConfig, DigitClassifier
 from ..nn import cross_entropy, to_state_arrays
@@ -108,13 +108,10 @@ def train_classifier(
     if backend is not None:
         model.to(backend)
     device = backend_of(model.fc.weight.data)
-    batches = None
+    batch_at = step_batches(len(labels), batch_size, loop.seed + 1)
 
     def compute_grads(step: int, generator: np.random.Generator) -> tuple[float, dict]:
-        nonlocal batches
-        if batches is None:  # first call: step is 0, or where a resumed run picks up
-            batches = iterate_minibatches(np.arange(len(labels)), batch_size, rng(loop.seed + 1), start_step=step)
-        idx = next(batches)  # (B,)
+        idx = batch_at(step)  # (B,)
         x = to_device(random_shift(images[idx], generator, max_shift), device)  # (B, 1, 32, 32)
         y = to_device(labels[idx], device)  # (B,)
         logits = model(x)  # (B, 10)

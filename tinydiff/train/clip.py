@@ -32,8 +32,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ..backend import backend_of, rng, to_device
-from ..data.mnist import iterate_minibatches, load_mnist, to_model_range, train_test_split
+from ..backend import backend_of, to_device
+from ..data.mnist import load_mnist, step_batches, to_model_range, train_test_split
 from ..io import load_checkpoint
 from ..models.clip import CLIP, CLIPConfig
 from ..nn import manual_seed
@@ -104,14 +104,10 @@ def train_clip(
     data = data if data is not None else load_captioned_mnist()[0]
     manual_seed(loop.seed)  # the initial weights, too, are fixed by the seed
     model = CLIP(config)
-    batches = None
+    batch_at = step_batches(len(data.labels), batch_size, loop.seed + 1)
 
     def compute_grads(step: int, generator: np.random.Generator) -> tuple[float, dict]:
-        nonlocal batches
-        if batches is None:  # first call: step is 0, or where a resumed run picks up
-            batches = iterate_minibatches(np.arange(len(data.labels)), batch_size, rng(loop.seed + 1),
-                                          start_step=step)
-        idx = next(batches)  # (B,)
+        idx = batch_at(step)  # (B,)
         captions = sample_captions(data.labels[idx], data.attributes[idx], generator)
         tokens = tokenizer.encode(captions)
         images = to_device(data.images[idx], backend_of(model.log_scale.data))  # (B, 1, 32, 32)
