@@ -118,3 +118,36 @@ def test_mixing_real_numpy_and_cupy_arrays_is_an_error():
 
 def test_blas_info_names_a_library():
     assert backend.blas_info() and "\n" not in backend.blas_info()
+
+
+def test_blas_threads_sets_and_restores_the_blas_thread_count():
+    import threadpoolctl
+
+    def blas_counts():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_counts()
+    with backend.blas_threads(1):
+        assert blas_counts() and set(blas_counts()) == {1}
+    assert blas_counts() == before
+
+
+@pytest.mark.parametrize("threads, rows", [(2, 7), (3, 9), (4, 3), (1, 5)])
+def test_map_rows_equals_one_call_and_keeps_row_order(threads, rows):
+    generator = np.random.default_rng(0)
+    x, w = generator.standard_normal((rows, 6)), generator.standard_normal((6, 4))
+    scale = np.arange(1, rows + 1, dtype=float)[:, None]
+    seen_blocks = []
+
+    def fn(a, s):  # rows are independent: a row-wise matrix product, scaled per row
+        seen_blocks.append(len(a))
+        return (a @ w) * s
+
+    out = backend.map_rows(fn, x, scale, threads=threads)
+    np.testing.assert_allclose(out, (x @ w) * scale, rtol=1e-12)
+    expected_blocks = 1 if threads == 1 or rows < threads else threads
+    assert len(seen_blocks) == expected_blocks and sum(seen_blocks) == rows
+
+
+def test_cpu_count_is_at_least_one():
+    assert backend.cpu_count() >= 1

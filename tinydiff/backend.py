@@ -17,11 +17,14 @@ device, so the same seed gives the same numbers on either backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
 import scipy.special
+import threadpoolctl
 
 BACKENDS = ("numpy", "cupy")
 DEFAULT_DTYPE = np.float32  # training and sampling
@@ -170,19 +173,63 @@ def uniform(generator: np.random.Generator, shape, low=0.0, high=1.0, *, dtype=D
 
 
 def blas_info() -> str:
-    """Which BLAS NumPy uses, and its thread count where threadpoolctl can tell."""
+    """Which BLAS NumPy uses, and its thread count."""
     config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
     try:
         blas = config["Build Dependencies"]["blas"]
         text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except (KeyError, TypeError):
         text = "unknown"
-    try:
-        import threadpoolctl
-
-        pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
-        if pools:
-            text += f" ({pools[0].get('internal_api')}, {pools[0].get('num_threads')} threads)"
-    except ImportError:
-        pass
+    pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+    if pools:
+        text += f" ({pools[0].get('internal_api')}, {pools[0].get('num_threads')} threads)"
     return text
+
+
+# --------------------------------------------------------------------------- CPU threads
+#
+# tinydiff's matrices are small (a 3×3 conv at 8×8 is a GEMM of 32 × 288 × a few thousand), too
+# small for a multi-threaded BLAS to split well: on two cores OpenBLAS's second thread costs more
+# in hand-offs than it computes, and a training step runs faster with one BLAS thread than with
+# two (benchmarks/README.md). A batch splits perfectly instead: each CPU thread runs the whole
+# network on its own block of rows with single-threaded BLAS. NumPy releases Python's GIL inside
+# BLAS calls and array loops, so the threads overlap.
+
+_blas_pools = None  # threadpoolctl's handle on the BLAS libraries loaded in this process
+_row_pools: dict[int, ThreadPoolExecutor] = {}  # one pool per thread count, made on first use
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Within the block NumPy's BLAS (and any other loaded BLAS) uses ``n`` threads."""
+    global _blas_pools
+    if _blas_pools is None:
+        _blas_pools = threadpoolctl.ThreadpoolController()  # finds the libraries once (about 1 ms)
+    with _blas_pools.limit(limits=n, user_api="blas"):
+        yield
+
+
+def map_rows(fn, *arrays, threads: int | None = None):
+    """``fn(*arrays)`` for arrays that share their first (batch) axis, computed on ``threads``
+    blocks of rows at once (default: one per core) and concatenated along axis 0.
+
+    Only for a ``fn`` whose rows are independent and that keeps no state between calls (a network
+    in ``no_grad`` mode). On CuPy, with one thread or with fewer rows than threads, it is simply
+    ``fn(*arrays)``.
+    """
+    threads = cpu_count() if threads is None else threads
+    rows = arrays[0].shape[0]
+    if threads <= 1 or rows < threads or backend_of(arrays[0]) != "numpy":
+        return fn(*arrays)
+    pool = _row_pools.get(threads) or _row_pools.setdefault(
+        threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tinydiff-rows"))
+    bounds = np.linspace(0, rows, threads + 1).astype(int)  # near-equal blocks of rows
+    blocks = [tuple(a[lo:hi] for a in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    with blas_threads(1):
+        outputs = list(pool.map(lambda block: fn(*block), blocks))
+    return np.concatenate(outputs)

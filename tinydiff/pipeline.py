@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import backend_of, to_numpy
+from .backend import backend_of, map_rows, to_numpy
 from .data.mnist import from_model_range
 from .diffusion import Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
 from .diffusion.samplers import SAMPLERS
@@ -82,6 +82,7 @@ class TextToImagePipeline:
                  image_encoder: ImageEncoder | None = None):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.image_encoder = image_encoder
+        self.threads: int | None = None  # CPU threads for the U-Net's rows (None: one per core)
         self.diffusion = diffusion
         self.defaults = defaults or SamplingDefaults()
         self.schedule = diffusion.make_schedule()
@@ -151,7 +152,8 @@ class TextToImagePipeline:
             uncond = self.encode_prompt([negative_prompt] * batch)
         else:
             uncond = self.unet.null_context(batch)  # (B, L, D): the "no prompt" context learned in training
-        denoiser = Denoiser(lambda x, t, c: self.unet(x, t, c), self.schedule, self.diffusion.prediction_type,
+        # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows)
+        denoiser = Denoiser(lambda x, t, c: map_rows(self.unet, x, t, c, threads=self.threads), self.schedule, self.diffusion.prediction_type,
                             context=context, uncond_context=uncond, guidance_scale=guidance_scale)
 
         # 2. seeded Gaussian noise at the largest σ
