@@ -489,3 +489,16 @@ def test_conv2d_in_many_small_chunks_equals_one_chunk(monkeypatch):
         np.testing.assert_allclose(out_small, out, rtol=1e-12, atol=1e-12)
         for g_small, g in zip(grads_small, grads):
             np.testing.assert_allclose(g_small, g, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_workspace_reuse_across_geometries_with_the_same_cols_shape():
+    """The cols buffer is reused between calls; two convolutions whose cols have the same shape but
+    whose padding falls in different places (3×3, padding 1 on 8×8 and padding 0 on 10×10) must
+    each see zeros exactly where their own padding is, whatever ran before."""
+    gen = np.random.default_rng(12)
+    w = gen.standard_normal((2, 3, 3, 3))
+    x_pad1, x_pad0 = gen.standard_normal((2, 3, 8, 8)), gen.standard_normal((2, 3, 10, 10))
+    for _ in range(2):  # alternate, so each call finds the other's writes if the buffers were shared
+        for x, padding in [(x_pad1, 1), (x_pad0, 0), (x_pad1, 1)]:
+            out, _ = F.conv2d_forward(x, w, None, 1, padding)  # no bias: the reference gets zeros
+            np.testing.assert_allclose(out, naive_conv2d(x, w, np.zeros(2), 1, padding), rtol=1e-10, atol=1e-12)

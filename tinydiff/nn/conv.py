@@ -19,8 +19,11 @@ benchmarks/README.md):
   square-matrix rate. One cols for the whole batch (75 MB for 64 images of 32×32×32) would go
   to memory and back, and NumPy's temporaries over ~32 MB are fresh mmap'd pages that fault on
   every call.
-* **No padded copy of x.** The cols buffer is zeroed once and reused for every chunk; entries
-  that fall in the zero padding are simply never written.
+* **No padded copy of x.** The cols buffer is zeroed once and reused for every chunk, and for
+  every later call with the same geometry (one workspace per thread, ``_cols_workspace``);
+  entries that fall in the zero padding are simply never written. Reusing it matters: a fresh
+  2 MiB buffer is fresh pages from the OS, and the page faults of writing them cost about as
+  much as the copy itself.
 * **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
   rather than holding 9× the activations' memory until the backward pass; inference
   (``no_grad``) keeps nothing but references.
@@ -34,6 +37,8 @@ benchmarks/README.md):
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import NamedTuple
 
 from ..backend import backend_of, get_xp
@@ -43,8 +48,32 @@ CHUNK_BYTES = 2 << 20  # one chunk's cols, about an L2 cache. 0.5-2 MiB ran alik
 GPU_CHUNK_BYTES = 1 << 30  # on a GPU, caches don't help and every chunk is more kernel launches: one chunk
 
 
+WORKSPACE_BYTES = 64 << 20  # per thread: cols buffers kept for reuse (least recently used dropped first)
+_workspaces = threading.local()  # each thread its own buffers (backend.map_rows runs convs in parallel)
+
+
 def _chunk_bytes(x) -> int:
     return GPU_CHUNK_BYTES if backend_of(x) == "cupy" else CHUNK_BYTES
+
+
+def _cols_workspace(xp, shape: tuple, dtype, geometry: tuple):
+    """A zero-initialised cols buffer of ``shape``, the same one for every call with the same
+    shape and ``geometry`` (input size, stride, padding) on this thread. im2col writes the same
+    entries on every such call, so the entries it never writes (padding) stay zero.
+    On CuPy a new buffer every time (its memory pool already recycles device memory)."""
+    if xp.__name__ != "numpy":
+        return xp.zeros(shape, dtype=dtype)
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = OrderedDict()
+    key = (shape, xp.dtype(dtype).str, geometry)
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    buffer = cache[key] = xp.zeros(shape, dtype=dtype)
+    while sum(b.nbytes for b in cache.values()) > WORKSPACE_BYTES and len(cache) > 1:
+        cache.popitem(last=False)
+    return buffer
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -86,8 +115,8 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
     """Yield (start, cols) for consecutive chunks of the images of x (N, C, H, W): cols
     (C·kh·kw, m·Ho·Wo) holds the patches of images start … start+m−1 in the layout above.
 
-    One buffer serves every chunk (use each cols before asking for the next); it is allocated
-    with zeros, and only entries that see a real pixel are ever written.
+    One buffer serves every chunk (use each cols before asking for the next); it starts as
+    zeros, and only entries that see a real pixel are ever written.
     """
     xp = get_xp(x)
     n, c, h, wd = x.shape
@@ -104,7 +133,7 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
             yield start, xt.reshape(c, m * h * wd)  # (C, m, H, W) → (C, m·H·W): a copy unless m = 1
             continue
         if cols6 is None or cols6.shape[3] != m:  # the first chunk, or a shorter last one
-            cols6 = xp.zeros((c, kh, kw, m, ho, wo), dtype=x.dtype)
+            cols6 = _cols_workspace(xp, (c, kh, kw, m, ho, wo), x.dtype, (h, wd, stride, pad_h, pad_w))
         for i, j, (ys, xs), (in_rows, in_cols) in slices:
             cols6[:, i, j, :, ys, xs] = xt[:, :, in_rows, in_cols]
         yield start, cols6.reshape(c * kh * kw, m * ho * wo)
