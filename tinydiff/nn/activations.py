@@ -34,6 +34,7 @@ def silu_backward(dout, cache: SiLUCache):
 class GELUCache(NamedTuple):
     x: object
     approximate: str
+    phi: object  # Φ(x) (exact) or t = tanh(u) (tanh form), kept so backward needs no second erf/tanh
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -48,24 +49,23 @@ def gelu_forward(x, approximate: str = "none"):
     """
     xp = get_xp(x)
     if approximate == "none":
-        out = 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
-    elif approximate == "tanh":
-        out = 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3)))
-    else:
-        raise ValueError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
-    return out, GELUCache(x, approximate)
+        phi = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+        return x * phi, GELUCache(x, approximate, phi)
+    if approximate == "tanh":
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+        return 0.5 * x * (1.0 + t), GELUCache(x, approximate, t)
+    raise ValueError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def gelu_backward(dout, cache: GELUCache):
     """exact: Φ(x) + x φ(x), φ(x) = e^{−x²/2}/√(2π);
     tanh:  ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²), t = tanh(u)."""
-    x, approximate = cache
+    x, approximate, phi = cache
     xp = get_xp(x)
     if approximate == "none":
-        cdf = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
         pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-        return dout * (cdf + x * pdf)
-    t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+        return dout * (phi + x * pdf)
+    t = phi
     du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
 
