@@ -26,9 +26,45 @@ def make_model():
     return PixelDigitModel(tiny_config(), seed=3)
 
 
-def run(model, data, labels, loop, **kwargs):
-    grads = diffusion_grads(model.unet, data, DiffusionConfig(batch_size=8), LabelConditioning(model.label_embedding, labels))
+def run(model, data, labels, loop, threads=1, **kwargs):
+    grads = diffusion_grads(model.unet, data, DiffusionConfig(batch_size=8), LabelConditioning(model.label_embedding, labels),
+                            threads=threads)
     return train_loop(model, grads, loop, kind="test", **kwargs)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_step_equals_single_threaded_step(threads):
+    """Rows split over threads and replicas: same loss and same gradient for every parameter,
+    including the label embedding (reached through dcontext) and the null context (float64)."""
+    data, labels = tiny_data()
+    grads = {}
+    for n_threads in (1, threads):
+        model = make_model().double()
+        step = diffusion_grads(model.unet, data.astype(np.float64), DiffusionConfig(batch_size=8, cond_drop_prob=0.3),
+                               LabelConditioning(model.label_embedding, labels), threads=n_threads)
+        model.zero_grad()
+        loss, logs = step(0, np.random.default_rng(5))
+        assert logs["dropped"] > 0  # the null-context path is exercised
+        grads[n_threads] = (loss, {name: p.grad.copy() for name, p in model.named_parameters()})
+    (loss1, g1), (loss_n, g_n) = grads[1], grads[threads]
+    assert loss_n == pytest.approx(loss1, rel=1e-12)
+    for name in g1:
+        np.testing.assert_allclose(g_n[name], g1[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    for name in ("unet.conv_in.weight", "unet.null_embedding", "label_embedding.weight"):
+        assert np.abs(g1[name]).max() > 0, name  # the paths the replicas and the main thread share
+
+
+def test_threaded_training_resumes_bitwise_exactly(tmp_path):
+    data, labels = tiny_data()
+    loop = LoopConfig(total_steps=6, warmup_steps=2, checkpoint_every=3, ema_decay=0.9)
+    straight = make_model()
+    run(straight, data, labels, loop, threads=2)
+    path = tmp_path / "state.npz"
+    run(make_model(), data, labels, loop, threads=2, checkpoint_path=path, stop_at=3)
+    resumed = make_model()
+    run(resumed, data, labels, loop, threads=2, checkpoint_path=path, resume=True)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert np.array_equal(a.data, b.data), name
 
 
 def test_resume_is_bitwise_exact(tmp_path):

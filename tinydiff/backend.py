@@ -214,6 +214,23 @@ def blas_threads(n: int):
         yield
 
 
+def row_blocks(rows: int, threads: int) -> list[slice]:
+    """``threads`` near-equal, consecutive blocks of ``rows`` rows (fewer if rows < threads)."""
+    bounds = np.linspace(0, rows, min(threads, rows) + 1).astype(int)
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def run_in_threads(tasks: list):
+    """Call each of ``tasks`` (functions of no argument) on its own CPU thread, with BLAS single-
+    threaded meanwhile; returns their results in order."""
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    pool = _row_pools.get(len(tasks)) or _row_pools.setdefault(
+        len(tasks), ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="tinydiff-rows"))
+    with blas_threads(1):
+        return list(pool.map(lambda task: task(), tasks))
+
+
 def map_rows(fn, *arrays, threads: int | None = None):
     """``fn(*arrays)`` for arrays that share their first (batch) axis, computed on ``threads``
     blocks of rows at once (default: one per core) and concatenated along axis 0.
@@ -226,10 +243,6 @@ def map_rows(fn, *arrays, threads: int | None = None):
     rows = arrays[0].shape[0]
     if threads <= 1 or rows < threads or backend_of(arrays[0]) != "numpy":
         return fn(*arrays)
-    pool = _row_pools.get(threads) or _row_pools.setdefault(
-        threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tinydiff-rows"))
-    bounds = np.linspace(0, rows, threads + 1).astype(int)  # near-equal blocks of rows
-    blocks = [tuple(a[lo:hi] for a in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    with blas_threads(1):
-        outputs = list(pool.map(lambda block: fn(*block), blocks))
+    blocks = row_blocks(rows, threads)
+    outputs = run_in_threads([lambda rows=rows: fn(*(a[rows] for a in arrays)) for rows in blocks])
     return np.concatenate(outputs)

@@ -17,15 +17,24 @@ A *conditioning* is any object with
     backward(dcontext)            add gradients to its own trainable parameters, if any
 
 so the same step trains the class-conditional pixel model and the text-conditional latent model.
+
+**Threads.** With ``threads`` > 1 (NumPy only) the batch is cut into that many blocks of rows and
+each block runs forward and backward on its own CPU thread, on its own replica of the U-Net
+(layers keep their caches on themselves, so two passes at once need two module trees). The
+replicas share the weights' arrays and have their own ``.grad``; after the passes their
+gradients are added into the U-Net's. The loss is a mean over the whole batch, so each block's
+loss and gradient are scaled by its share of the rows, and the result equals the single-threaded
+step up to float rounding (tested).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backend import backend_of, to_device
+from ..backend import backend_of, get_xp, row_blocks, run_in_threads, to_device
 from ..diffusion.noise import alphas_cumprod_at, check_prediction_type, loss_weights, prediction_target, q_sample
 from ..diffusion.schedules import NoiseSchedule, make_schedule
 from ..models.unet import UNet
@@ -63,12 +72,13 @@ class LabelConditioning:
         self.embedding.backward(dcontext[:, 0, :])
 
 
-def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None):
+def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None, *, threads: int = 1):
     """The ``compute_grads(step, generator)`` for ``train_loop``: one step of Algorithm 1.
 
     ``data`` is the whole training set x0 (N, C, H, W) on the model's device (float32, pixels in
     [−1, 1] or scaled latents); batches, timesteps, noise and dropout are drawn from ``generator``
-    on the CPU, so a run is reproducible on either backend and resumes exactly.
+    on the CPU, so a run is reproducible on either backend and resumes exactly. ``threads``: CPU
+    threads sharing each batch (see the module docstring); 1 on CuPy whatever is asked.
     """
     check_prediction_type(config.prediction_type)
     if conditioning is not None and not unet.config.learned_null_context and config.cond_drop_prob > 0:
@@ -76,6 +86,17 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
     schedule = config.make_schedule()
     backend, dtype = backend_of(data), data.dtype
     n, b = data.shape[0], config.batch_size
+    blocks = row_blocks(b, threads if backend == "numpy" else 1)
+    replicas = [unet] + [copy.deepcopy(unet) for _ in blocks[1:]]  # block k runs on replicas[k]
+
+    def block_grads(replica: UNet, rows: slice, x_t, t, target, weights, context, mask):
+        """Forward and backward of one block of rows; its share of the loss, and dcontext."""
+        share = (rows.stop - rows.start) / b  # the block's loss is a mean over its rows only
+        sliced = (lambda a: None if a is None else a[rows])
+        pred = replica(x_t[rows], t[rows], sliced(context), sliced(mask))
+        loss, dpred = mse_loss(pred, target[rows], weights[rows])
+        _, dcontext = replica.backward(dpred * share)
+        return loss * share, dcontext
 
     def compute_grads(step, generator):
         idx = generator.integers(0, n, size=b)
@@ -95,10 +116,20 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
             dropped = to_device(dropped_np, backend)
             if config.cond_drop_prob > 0:
                 context, mask = unet.replace_with_null_context(context, mask, dropped)
-        pred = unet(x_t, to_device(t.astype(dtype), backend), context, mask)
-        loss, dpred = mse_loss(pred, target, weights)
-        _, dcontext = unet.backward(dpred)
+        t_in = to_device(t.astype(dtype), backend)
+        for replica in replicas[1:]:  # the replicas read the current weights (resume may replace arrays)
+            for mine, theirs in zip(unet.parameters(), replica.parameters()):
+                theirs.data = mine.data
+        results = run_in_threads([
+            lambda replica=replica, rows=rows: block_grads(replica, rows, x_t, t_in, target, weights, context, mask)
+            for replica, rows in zip(replicas, blocks)])
+        for replica in replicas[1:]:
+            for mine, theirs in zip(unet.parameters(), replica.parameters()):
+                mine.grad += theirs.grad
+                theirs.grad[...] = 0
+        loss = sum(part for part, _ in results)
         if conditioning is not None:
+            dcontext = get_xp(x_t).concatenate([d for _, d in results])  # (B, L, D)
             if config.cond_drop_prob > 0:
                 dcontext = unet.null_context_backward(dcontext, dropped)
             conditioning.backward(dcontext)

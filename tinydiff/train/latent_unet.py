@@ -68,12 +68,13 @@ class CaptionConditioning:
 
 def train_latent_unet(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, train_data,
                       loop: LoopConfig, diffusion: DiffusionConfig | None = None, *, checkpoint_path=None,
-                      resume: bool = False, callback=None, stop_at: int | None = None) -> dict:
-    """Train ``unet`` on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts."""
+                      resume: bool = False, callback=None, stop_at: int | None = None, threads: int = 1) -> dict:
+    """Train ``unet`` on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts;
+    ``threads`` CPU threads share each batch (``diffusion_grads``)."""
     diffusion = diffusion or DiffusionConfig()
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
     conditioning = CaptionConditioning(text_encoder, tokenizer, train_data.labels, train_data.attributes)
-    grads = diffusion_grads(unet, latents, diffusion, conditioning)
+    grads = diffusion_grads(unet, latents, diffusion, conditioning, threads=threads)
     return train_loop(unet, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind=CHECKPOINT_KIND,
                       model_config={"unet": unet.config.to_dict(), "diffusion": diffusion.to_dict()},
                       callback=callback, stop_at=stop_at)

@@ -15,11 +15,12 @@ Folder layout::
     OUT/<stage>/loss.png                                            loss curves
     OUT/model/                                                      the pipeline (from_pretrained)
     OUT/samples.png                                                 "a handwritten 0" … "9"
-    OUT/recipe.json                                                 settings and wall time per stage
+    OUT/recipe.json                                                 settings, wall time and peak memory per stage
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..backend import cpu_count
 from ..io import load_checkpoint, load_json, save_json
 from ..models.unet import UNet
 from .autoencoder import default_loop as vae_default_loop
@@ -47,9 +49,11 @@ class RecipeConfig:
     unet_steps: int = 3000  # latent U-Net steps
     unet_batch_size: int = 64  # latents per U-Net step
     unet_lr: float = 1e-3  # peak learning rate of the U-Net
+    schedule: str = "linear"  # the U-Net's β schedule (diffusion.schedules.SCHEDULES)
     clip_batch_size: int = 128  # image–caption pairs per contrastive step
     train_subset: int | None = None  # use only the first N training digits (smoke runs)
     seed: int = 0  # seeds every stage's initial weights and data order
+    threads: int | None = None  # CPU threads sharing each U-Net batch (None: one per core)
 
 
 def quick_recipe() -> RecipeConfig:
@@ -106,6 +110,7 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
         result = fn(lambda d: emit({**d, "stage": name}))
         seconds = time.perf_counter() - start
         record["seconds"][name] = record["seconds"].get(name, 0.0) + seconds
+        record.setdefault("peak_rss_mb", {})[name] = _peak_rss_mb()
         save_json(record_path, record)
         _plot_loss(result["history"], out / name / "loss.png", name)
         emit({"stage": name, "event": "end", "total_steps": total_steps, "seconds": seconds})
@@ -135,7 +140,7 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
     vae = _require(load_autoencoder, paths["vae"], "vae")
 
     # -- stage 3: the latent U-Net ----------------------------------------------------------------
-    diffusion = DiffusionConfig(batch_size=config.unet_batch_size)
+    diffusion = DiffusionConfig(schedule=config.schedule, batch_size=config.unet_batch_size)
     unet = UNet(latent_unet_config(text_encoder.config.width, tokenizer.max_length), seed=config.seed)
     if "unet" in stages:
         unet_loop = LoopConfig(total_steps=config.unet_steps, lr=config.unet_lr, warmup_steps=200, ema_decay=0.999,
@@ -144,7 +149,8 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
         def fit_unet(cb):
             result = train_latent_unet(unet, vae, text_encoder, tokenizer, train,
                                        _stage_loop(unet_loop, config.unet_steps, config.seed), diffusion,
-                                       checkpoint_path=paths["unet"], resume=resume, callback=cb)
+                                       checkpoint_path=paths["unet"], resume=resume, callback=cb,
+                                       threads=cpu_count() if config.threads is None else config.threads)
             result["ema"].copy_to(unet)  # sample with the averaged weights
             return result
 
@@ -159,6 +165,16 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
     pipe.save_pretrained(out / "model")
     _sample_grid(pipe, out / "samples.png", per_digit=2 if config.train_subset else 8)
     return pipe
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
 
 
 def _require(load, path: Path, stage: str):
