@@ -32,7 +32,10 @@ tinydiff pass by ``bench_unet.count_flops`` (a training step: 3 × the forward's
 count is used for both. Each thread count runs in its own subprocess with
 OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = MKL_NUM_THREADS = T and ``torch.set_num_threads(T)``,
 so NumPy's BLAS and PyTorch get the same number of threads; the float32 GEMM rate (1024³) of
-NumPy and of PyTorch is measured in the same process.
+NumPy and of PyTorch is measured in the same process. In the unet-train and sample64 cases
+tinydiff uses its T threads its own way: the batch is split into T blocks of rows, one per
+thread, with single-threaded BLAS (``diffusion_grads(threads=T)``, ``pipeline.threads``);
+PyTorch uses its intra-op threads.
 
 On a machine shared with other jobs, timings with 2 threads on 2 cores are erratic (a BLAS thread
 waiting for a busy core stalls every GEMM); the script prints the load average before each run.
@@ -171,7 +174,7 @@ def torch_diffusion_grads(model, data, config, contexts):
     return compute_grads
 
 
-def unet_train_case(batch: int = 64) -> Case:
+def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
     import torch
 
     from torch_models import mirror
@@ -188,7 +191,7 @@ def unet_train_case(batch: int = 64) -> Case:
     latents = data_gen.standard_normal((1000, 4, 8, 8)).astype(np.float32)  # like s·μ: unit variance
     contexts = data_gen.standard_normal((1000, config.context_length, config.context_dim)).astype(np.float32)
     diffusion = DiffusionConfig(batch_size=batch)
-    tiny_grads = diffusion_grads(unet, latents, diffusion, FixedContexts(contexts))
+    tiny_grads = diffusion_grads(unet, latents, diffusion, FixedContexts(contexts), threads=threads)
     torch_grads = torch_diffusion_grads(reference, latents, diffusion, contexts)
 
     # Parity: the forward on one batch, then one loss and backward each on the same drawn batch.
@@ -360,11 +363,12 @@ def torch_pipeline(pipe, text_encoder, unet, vae, prompt: str, num_images: int, 
     return from_model_range(x), z0
 
 
-def sample_case(num_images: int = 64) -> Case:
+def sample_case(num_images: int = 64, threads: int = 1) -> Case:
     from torch_models import mirror
     from tinydiff.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained()
+    pipe.threads = threads  # U-Net rows split over this many CPU threads (backend.map_rows)
     text_encoder, unet, vae = mirror(pipe.text_encoder), mirror(pipe.unet), mirror(pipe.vae)
     prompt, seed = "a bold handwritten 7", 0
 
@@ -385,6 +389,7 @@ def sample_case(num_images: int = 64) -> Case:
                 f"{num_images} images, {d.steps} {d.sampler} {d.sigma_schedule} steps, guidance {d.guidance_scale}")
 
 
+THREADED_CASES = ("unet-train", "sample64")  # tinydiff splits the batch over T threads (BLAS single-threaded)
 BUILDERS = {"unet-train": unet_train_case, "vae-train": vae_train_case, "text-train": text_train_case,
             "sample64": sample_case}
 
@@ -406,7 +411,7 @@ def run_threads(threads: int, cases, repeats: int) -> dict:
           f"{'tiny GFLOP/s':>12}  {'torch GFLOP/s':>13}  parity (relative difference)", flush=True)
     results = {"threads": threads, "gemm_gflops": gemm, "load_average": os.getloadavg()[0], "cases": {}}
     for name in cases:
-        case = BUILDERS[name]()
+        case = BUILDERS[name](threads=threads) if name in THREADED_CASES else BUILDERS[name]()
         check_parity(name, case.parity)
         times = time_interleaved({"tinydiff": case.tiny, "torch": case.torch}, repeats)
         tiny_s, torch_s = statistics.median(times["tinydiff"]), statistics.median(times["torch"])

@@ -11,7 +11,8 @@ Cases (float32, batch 64 unless said):
     pixel-eval    one denoiser evaluation (U-Net forward, no caches) on 1×32×32 pixels
     latent-eval   one denoiser evaluation on 4×8×8 latents, plus the VAE decoder it needs once
     sample64      TextToImagePipeline: 64 images, 20 DPM++ 2M Karras steps, guidance (one 128-row
-                  U-Net call per step), text encoding and decoding included
+                  U-Net call per step, its rows split over --threads CPU threads, default one per
+                  core), text encoding and decoding included
 
 Each case runs in its own subprocess so its peak memory (ru_maxrss) is its own. FLOPs are
 counted, not estimated: every conv2d / linear / attention call in the pass is intercepted and
@@ -148,17 +149,20 @@ def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
     return result
 
 
-def _sample_case(model: str | None, repeats: int) -> dict:
+def _sample_case(model: str | None, repeats: int, threads: int | None) -> dict:
+    from tinydiff.backend import cpu_count
     from tinydiff.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(model)
+    pipe.threads = threads  # None: one block of U-Net rows per core
     seconds = best_time(lambda: pipe("a handwritten 7", num_images=64, steps=20, seed=0), repeats)
-    return {"images": 64, "steps": 20, "guidance_scale": pipe.defaults.guidance_scale, "seconds": seconds}
+    return {"images": 64, "steps": 20, "guidance_scale": pipe.defaults.guidance_scale, "seconds": seconds,
+            "threads": cpu_count() if threads is None else threads}
 
 
 def run_case(case: str, args) -> dict:
     if case == "sample64":
-        result = _sample_case(args.model, args.repeats)
+        result = _sample_case(args.model, args.repeats, args.threads)
     else:
         kind, mode = case.split("-")
         result = _unet_case(kind, mode == "train", args.batch, args.repeats)
@@ -172,6 +176,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", help="pipeline folder for sample64 (default: the shipped weights)")
+    parser.add_argument("--threads", type=int, help="sample64: CPU threads sharing the U-Net's rows (default: one per core)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
@@ -191,6 +196,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", case, "--batch", str(args.batch), "--repeats", str(args.repeats)]
         if args.model:
             command += ["--model", args.model]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{case}: failed\n{done.stderr.strip().splitlines()[-1]}")
@@ -198,7 +205,7 @@ def main() -> None:
         results[case] = r = json.loads(done.stdout.strip().splitlines()[-1])
         if case == "sample64":
             print(f"{case:>13}: {r['seconds']:.2f} s for 64 images × 20 steps (guidance {r['guidance_scale']}), "
-                  f"peak {r['peak_rss_mb']:.0f} MB")
+                  f"U-Net rows on {r['threads']} thread(s), peak {r['peak_rss_mb']:.0f} MB")
         else:
             print(f"{case:>13}: {r['seconds'] * 1e3:7.1f} ms/batch of {r['batch']}, {r['samples_per_s']:7.1f} samples/s, "
                   f"{r['flops_per_sample'] / 1e6:7.1f} MFLOP/sample, {r['gflops_per_s']:5.1f} GFLOP/s, "
