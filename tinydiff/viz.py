@@ -116,9 +116,11 @@ def image_grid(
             ax.imshow(x[i], cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             if titles is not None:
                 ax.set_title(titles[i], fontsize=8)
+    top = 1.0
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout(pad=0.3)
+        top = 1.0 - 0.3 / fig.get_figheight()  # keep the 0.3 inch added above for the title free
+    fig.tight_layout(pad=0.3, rect=(0.0, 0.0, 1.0, top))
     return fig
 
 

@@ -4,13 +4,15 @@ The smallest complete diffusion model in tinydiff, used by the chapters before t
 arrive: the condition is the digit label, embedded as a one-token context for the U-Net's
 cross-attention, and dropped 10% of the time so classifier-free guidance works.
 
-    model = PixelDigitModel(config)              U-Net + label embedding, one Module
+    unet, loop, diffusion = fast_recipe()        the measured few-minutes recipe
+    model = PixelDigitModel(unet)                U-Net + label embedding, one Module
     train_pixel_digits(model, loop, ...)         DDPM Algorithm 1 via train_loop
     generate_digits(model, labels, ...)          any sampler; DDPM Algorithm 2 by default
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,33 @@ def pixel_unet_config() -> UNetConfig:
         groups=8,
         time_embed_dim=64,
     )
+
+
+def fast_recipe() -> tuple[UNetConfig, LoopConfig, DiffusionConfig]:
+    """The recipe that draws recognisable digits after about six minutes on one CPU core.
+
+    Returns (U-Net config, loop, diffusion) for ``PixelDigitModel`` and ``train_pixel_digits``.
+    ``pixel_unet_config()`` with the plain loss needed 1,500 steps of batch 32 (about 35
+    minutes) for the same; the runs that chose this recipe, each scored by the shipped digit
+    classifier on DDPM samples, are listed in figures/make_pixel_ddpm.py.
+
+    * Network: only 8 channels at 32×32, where a channel costs 16 times what it costs at 8×8,
+      and the full 64 at 8×8, where the digit's overall shape is decided. The other way round,
+      (16, 32, 32), scored about the same in the same time; shrinking every level, to
+      (8, 16, 32) with lr 3e-3, made a step twice as fast but halved the accuracy.
+    * Min-SNR weighting (Hang et al. 2023, γ = 5) is the change that matters most. The plain ε
+      loss (DDPM eq. 14) weighs the x0 error at each t by the signal-to-noise ratio, which is
+      huge at small t, so a short run learns to clean up almost-clean digits before it learns
+      their shapes. Capping that weight at γ lets the high-noise timesteps, where the class is
+      decided, be learned first: the same run with the plain loss scored 29% instead of 78%.
+      The price is some grain left in the backgrounds.
+    * Batch 16 for 1,200 steps at lr 2e-3, cosine decay to zero, no EMA: the decay already
+      averages the last steps, and an EMA of decay 0.99 scored no better in a run this short.
+    """
+    unet = replace(pixel_unet_config(), block_channels=(8, 32, 64), groups=4)  # groups must divide 8
+    loop = LoopConfig(total_steps=1200, lr=2e-3, warmup_steps=50, ema_decay=None, checkpoint_every=200)
+    diffusion = DiffusionConfig(batch_size=16, loss_weighting="min_snr", min_snr_gamma=5.0)
+    return unet, loop, diffusion
 
 
 class PixelDigitModel(Module):
