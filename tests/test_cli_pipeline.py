@@ -85,6 +85,32 @@ def test_same_seed_same_images_and_batch_equals_single_runs(quick_run):
     assert np.abs(batch[2].astype(int) - third[0].astype(int)).max() <= 1  # float rounding at most
 
 
+def test_rows_split_over_threads_give_the_same_images(quick_run):
+    pipe = TextToImagePipeline.from_pretrained(quick_run / "model")
+    pipe.threads = 1
+    one = pipe("a handwritten 4", num_images=5, steps=4, seed=3)
+    pipe.threads = 3  # 10 rows (5 guided pairs) in blocks of 4, 3 and 3
+    three = pipe("a handwritten 4", num_images=5, steps=4, seed=3)
+    assert np.abs(one.astype(int) - three.astype(int)).max() <= 1  # float rounding at most
+
+
+def test_attention_callback_sees_whole_batches_in_order_whatever_the_threads(quick_run):
+    """An attention callback turns the row split off: each U-Net call reports every layer once,
+    in order, with all 2B rows (regression: with rows on two threads, calls interleaved)."""
+    pipe = TextToImagePipeline.from_pretrained(quick_run / "model")
+    pipe.threads = 2
+    calls = []
+    pipe.unet.set_attention_callback(lambda name, probs: calls.append((name, probs.shape[0])))
+    try:
+        pipe("a handwritten 4", num_images=3, steps=2, seed=0)
+    finally:
+        pipe.unet.set_attention_callback(None)
+    layers = list(dict.fromkeys(name for name, _ in calls))
+    assert [name for name, _ in calls] == layers * (len(calls) // len(layers))
+    assert {rows for _, rows in calls} == {6}
+    assert not pipe.unet.has_attention_callbacks
+
+
 @pytest.mark.parametrize(
     "args, phrases",
     [

@@ -152,8 +152,10 @@ class TextToImagePipeline:
             uncond = self.encode_prompt([negative_prompt] * batch)
         else:
             uncond = self.unet.null_context(batch)  # (B, L, D): the "no prompt" context learned in training
-        # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows)
-        denoiser = Denoiser(lambda x, t, c: map_rows(self.unet, x, t, c, threads=self.threads), self.schedule, self.diffusion.prediction_type,
+        # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows), unless an
+        # attention callback is watching it (it would see half-batches from two threads)
+        threads = 1 if self.unet.has_attention_callbacks else self.threads
+        denoiser = Denoiser(lambda x, t, c: map_rows(self.unet, x, t, c, threads=threads), self.schedule, self.diffusion.prediction_type,
                             context=context, uncond_context=uncond, guidance_scale=guidance_scale)
 
         # 2. seeded Gaussian noise at the largest σ
