@@ -128,6 +128,32 @@ def training_flops(step) -> int:
     return 3 * flops["forward"]
 
 
+def training_case(model, reference, tiny_loss, torch_loss, what: str, lr: float = 2e-3) -> Case:
+    """A training-step case from one loss function per library, each returning (loss, output)
+    after its backward pass: parity from one call of each, then steps with AdamW (weight decay 0)."""
+    import torch
+
+    from tinydiff.nn import AdamW
+
+    (loss_a, out_a), (loss_b, out_b) = tiny_loss(), torch_loss()
+    parity = {"output": relative_difference(out_a, out_b), "loss": relative_difference(loss_a, loss_b),
+              "grads": gradient_difference(model, reference)}
+    optimizer = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=0.0)
+
+    def tiny_step():
+        model.zero_grad()
+        tiny_loss()
+        optimizer.step()
+
+    def torch_step():
+        torch_optimizer.zero_grad()
+        torch_loss()
+        torch_optimizer.step()
+
+    return Case(tiny_step, torch_step, training_flops(tiny_step), parity, what)
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -230,7 +256,6 @@ def vae_train_case(batch: int = 32) -> Case:
     from tinydiff.backend import rng
     from tinydiff.models import AutoencoderKL
     from tinydiff.models.autoencoder import vae_loss
-    from tinydiff.nn import AdamW
 
     vae = AutoencoderKL()
     reference = torch_models.mirror(vae)
@@ -252,25 +277,8 @@ def vae_train_case(batch: int = 32) -> Case:
         loss.backward()
         return loss.item(), x_hat.detach().numpy()
 
-    (loss_a, out_a), (loss_b, out_b) = tiny_loss(), torch_loss()
-    parity = {"output": relative_difference(out_a, out_b), "loss": relative_difference(loss_a, loss_b),
-              "grads": gradient_difference(vae, reference)}
-
-    optimizer = AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)  # train.autoencoder.default_loop
-    torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=2e-3, weight_decay=0.0)
-
-    def tiny_step():
-        vae.zero_grad()
-        tiny_loss()
-        optimizer.step()
-
-    def torch_step():
-        torch_optimizer.zero_grad()
-        torch_loss()
-        torch_optimizer.step()
-
-    return Case(tiny_step, torch_step, training_flops(tiny_step), parity,
-                f"autoencoder training step, batch {batch}, {vae.num_parameters():,} params")
+    return training_case(vae, reference, tiny_loss, torch_loss,  # lr as train.autoencoder.default_loop
+                         f"autoencoder training step, batch {batch}, {vae.num_parameters():,} params")
 
 
 def random_captions(n: int, generator) -> list[str]:
@@ -291,7 +299,7 @@ def text_train_case(batch: int = 128) -> Case:
     from torch_models import mirror
     from tinydiff.backend import rng
     from tinydiff.models import TextEncoder, TextEncoderConfig
-    from tinydiff.nn import AdamW, mse_loss
+    from tinydiff.nn import mse_loss
     from tinydiff.text.tokenizer import Tokenizer
 
     encoder = TextEncoder(TextEncoderConfig())
@@ -313,25 +321,8 @@ def text_train_case(batch: int = 128) -> Case:
         loss.backward()
         return loss.item(), hidden.detach().numpy()
 
-    (loss_a, out_a), (loss_b, out_b) = tiny_loss(), torch_loss()
-    parity = {"output": relative_difference(out_a, out_b), "loss": relative_difference(loss_a, loss_b),
-              "grads": gradient_difference(encoder, reference)}
-
-    optimizer = AdamW(encoder.parameters(), lr=2e-3, weight_decay=0.0)  # train.clip.default_loop
-    torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=2e-3, weight_decay=0.0)
-
-    def tiny_step():
-        encoder.zero_grad()
-        tiny_loss()
-        optimizer.step()
-
-    def torch_step():
-        torch_optimizer.zero_grad()
-        torch_loss()
-        torch_optimizer.step()
-
-    return Case(tiny_step, torch_step, training_flops(tiny_step), parity,
-                f"text encoder step (pooled MSE), batch {batch}, {encoder.num_parameters():,} params")
+    return training_case(encoder, reference, tiny_loss, torch_loss,  # lr as train.clip.default_loop
+                         f"text encoder step (pooled MSE), batch {batch}, {encoder.num_parameters():,} params")
 
 
 def torch_pipeline(pipe, text_encoder, unet, vae, prompt: str, num_images: int, seed: int):
