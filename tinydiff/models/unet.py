@@ -258,7 +258,6 @@ class UNet(Module):
         if config.learned_null_context:
             shape = (config.context_length, config.context_dim)  # small random start, like GPT-2's embeddings
             self.null_embedding = Parameter(to_device(0.02 * init_generator().standard_normal(shape), dtype=DEFAULT_DTYPE))
-        self._watched_attention: set[str] = set()  # kinds ("cross", "self") with an attention callback
 
     # -- forward and backward --------------------------------------------------------------
     def forward(self, x, t, context=None, context_mask=None):
@@ -366,10 +365,9 @@ class UNet(Module):
             raise ValueError("this UNet has no cross-attention layers (it was built with context_dim=None)")
         for name, layer in layers:
             layer.probs_callback = None if fn is None else functools.partial(fn, name)
-        self._watched_attention = (self._watched_attention - {kind}) | ({kind} if fn is not None else set())
 
     @property
     def has_attention_callbacks(self) -> bool:
         """Whether an attention callback is set: callers that split a batch over threads
         (``pipeline``) then make one call, so the callback sees whole batches, in order."""
-        return bool(self._watched_attention)
+        return any(getattr(m, "probs_callback", None) is not None for m in self.modules())
