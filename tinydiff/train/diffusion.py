@@ -88,6 +88,8 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
     n, b = data.shape[0], config.batch_size
     blocks = row_blocks(b, threads if backend == "numpy" else 1)
     replicas = [unet] + [copy.deepcopy(unet) for _ in blocks[1:]]  # block k runs on replicas[k]
+    shared = [(mine, theirs) for replica in replicas[1:]  # (U-Net parameter, a replica's twin)
+              for mine, theirs in zip(unet.parameters(), replica.parameters())]
 
     def block_grads(replica: UNet, rows: slice, x_t, t, target, weights, context, mask):
         """Forward and backward of one block of rows; its share of the loss, and dcontext."""
@@ -117,16 +119,14 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
             if config.cond_drop_prob > 0:
                 context, mask = unet.replace_with_null_context(context, mask, dropped)
         t_in = to_device(t.astype(dtype), backend)
-        for replica in replicas[1:]:  # the replicas read the current weights (resume may replace arrays)
-            for mine, theirs in zip(unet.parameters(), replica.parameters()):
-                theirs.data = mine.data
+        for mine, theirs in shared:  # the replicas read the current weights (resume may replace arrays)
+            theirs.data = mine.data
         results = run_in_threads([
             lambda replica=replica, rows=rows: block_grads(replica, rows, x_t, t_in, target, weights, context, mask)
             for replica, rows in zip(replicas, blocks)])
-        for replica in replicas[1:]:
-            for mine, theirs in zip(unet.parameters(), replica.parameters()):
-                mine.grad += theirs.grad
-                theirs.grad[...] = 0
+        for mine, theirs in shared:
+            mine.grad += theirs.grad
+            theirs.grad[...] = 0
         loss = sum(part for part, _ in results)
         if conditioning is not None:
             dcontext = get_xp(x_t).concatenate([d for _, d in results])  # (B, L, D)
