@@ -161,6 +161,22 @@ def test_conv2d_matches_naive_loops_forward_and_all_three_gradients(backends, ke
         np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel,size", [(3, (7, 6)), (5, (7, 6)), (3, (1, 1)), (3, (2, 3)), (5, (2, 3)), (5, (1, 4))])
+def test_same_size_conv2d_by_flat_shifts_matches_naive_loops(kernel, size):
+    """Stride 1 with padding (k − 1)/2 builds cols by shifting flattened images (_fill_by_shifts):
+    offsets whose shift wraps across a row edge, leaves the image, or sees only padding (kernels
+    wider than the image) must all read zeros there."""
+    g = np.random.default_rng(4)
+    padding = (kernel - 1) // 2
+    x, w, b = g.standard_normal((3, 2) + size), g.standard_normal((4, 2, kernel, kernel)), g.standard_normal(4)
+    for _ in range(2):  # the second call reuses the first one's workspace
+        out, cache = F.conv2d_forward(x, w, b, 1, padding)
+        np.testing.assert_allclose(out, naive_conv2d(x, w, b, 1, padding), rtol=1e-12, atol=1e-12)
+    dout = g.standard_normal(out.shape)
+    for got, want in zip(F.conv2d_backward(dout, cache), naive_conv2d_backward(dout, x, w, 1, padding)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_output_size_formula():
     assert F.conv_output_size(7, 3, 2, 1) == 4  # ⌊(7 + 2 − 3)/2⌋ + 1
     assert F.conv_output_size(32, 3, 1, 1) == 32  # "same" padding

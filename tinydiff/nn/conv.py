@@ -19,6 +19,11 @@ benchmarks/README.md):
   square-matrix rate. One cols for the whole batch (75 MB for 64 images of 32×32×32) would go
   to memory and back, and NumPy's temporaries over ~32 MB are fresh mmap'd pages that fault on
   every call.
+* **"Same" convolutions copy long runs.** A window of an 8×8 image is 8 floats wide, so copying
+  it runs in 8-float pieces. For stride 1 with output size = input size (every 3×3, padding 1
+  convolution of the U-Net, and its transposed-convolution backward), ``_fill_by_shifts`` copies
+  each offset's block as the flattened image shifted by one number, in runs of about H·W floats,
+  and zeroes the columns that wrapped across a row edge: im2col 2–2.5× faster at 8×8 and 4×4.
 * **No padded copy of x.** The cols buffer is zeroed once and reused for every chunk, and for
   every later call with the same geometry (one workspace per thread, ``_cols_workspace``);
   entries that fall in the zero padding are simply never written. Reusing it matters: a fresh
@@ -111,6 +116,37 @@ def _offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w):
                 yield i, j, (slice(y0, y1), slice(x0, x1)), (in_rows, in_cols)
 
 
+def _fill_by_shifts(cols6, x, pad_h: int, pad_w: int) -> None:
+    """im2col for a stride-1 convolution whose output is the input's size ("same" padding),
+    copying runs of about H·W floats instead of Wo: cols6 (C, kh, kw, m, H, W), x (m, C, H, W).
+
+    Flatten each image, pixel (y, x) at p = y·W + x. Kernel offset (i, j) reads the pixel
+    (y + dy, x + dx) with dy = i − pad_h, dx = j − pad_w, which is flat position p + s with
+    s = dy·W + dx; so its block of cols is the flattened image shifted by s, one copy per offset.
+    Where y + dy leaves the image, p + s leaves [0, H·W) and is not copied: those entries keep the
+    workspace's zeros. Where x + dx leaves the image, p + s wraps into the row above or below, so
+    those columns are zeroed after the copy.
+    """
+    c, kh, kw, m, h, wd = cols6.shape
+    hw = h * wd
+    xt = x.reshape(m, c, hw).transpose(1, 0, 2)  # (m, C, H, W) → (m, C, H·W) → (C, m, H·W), a view
+    for i in range(kh):
+        for j in range(kw):
+            dy, dx = i - pad_h, j - pad_w
+            s = dy * wd + dx
+            if abs(s) >= hw:  # the offset sees only padding
+                continue
+            block = cols6[:, i, j].reshape(c, m, hw)  # (C, m, H, W) → (C, m, H·W), a view
+            if s >= 0:
+                block[:, :, : hw - s] = xt[:, :, s:]
+            else:
+                block[:, :, -s:] = xt[:, :, : hw + s]
+            if dx < 0:
+                cols6[:, i, j, :, :, :-dx] = 0
+            elif dx > 0:
+                cols6[:, i, j, :, :, wd - dx :] = 0
+
+
 def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
     """Yield (start, cols) for consecutive chunks of the images of x (N, C, H, W): cols
     (C·kh·kw, m·Ho·Wo) holds the patches of images start … start+m−1 in the layout above.
@@ -124,6 +160,7 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
     per_image = c * kh * kw * ho * wo * x.itemsize
     chunk = max(1, min(n, _chunk_bytes(x) // per_image))
     one_by_one = kh == kw == 1 and stride == 1 and pad_h == pad_w == 0  # then cols is x, channel-major
+    same_size = stride == 1 and (ho, wo) == (h, wd)  # then _fill_by_shifts copies long runs
     slices = list(_offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w))
     cols6 = None
     for start in range(0, n, chunk):
@@ -134,8 +171,11 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
             continue
         if cols6 is None or cols6.shape[3] != m:  # the first chunk, or a shorter last one
             cols6 = _cols_workspace(xp, (c, kh, kw, m, ho, wo), x.dtype, (h, wd, stride, pad_h, pad_w))
-        for i, j, (ys, xs), (in_rows, in_cols) in slices:
-            cols6[:, i, j, :, ys, xs] = xt[:, :, in_rows, in_cols]
+        if same_size:
+            _fill_by_shifts(cols6, x[start : start + m], pad_h, pad_w)
+        else:
+            for i, j, (ys, xs), (in_rows, in_cols) in slices:
+                cols6[:, i, j, :, ys, xs] = xt[:, :, in_rows, in_cols]
         yield start, cols6.reshape(c * kh * kw, m * ho * wo)
 
 
