@@ -24,6 +24,9 @@ benchmarks/README.md):
   convolution of the U-Net, and its transposed-convolution backward), ``_fill_by_shifts`` copies
   each offset's block as the flattened image shifted by one number, in runs of about H·W floats,
   and zeroes the columns that wrapped across a row edge: im2col 2–2.5× faster at 8×8 and 4×4.
+* **1×1 convolutions skip im2col.** With stride 1 and no padding they are one matrix product per
+  image, W (O, C) · x[n] (C, H·W), which a batched matmul does in the (N, C, H, W) layout itself
+  (``_pointwise``): about 2× faster than transposing to channel-major and back.
 * **No padded copy of x.** The cols buffer is zeroed once and reused for every chunk, and for
   every later call with the same geometry (one workspace per thread, ``_cols_workspace``);
   entries that fall in the zero padding are simply never written. Reusing it matters: a fresh
@@ -159,16 +162,12 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
     ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
     per_image = c * kh * kw * ho * wo * x.itemsize
     chunk = max(1, min(n, _chunk_bytes(x) // per_image))
-    one_by_one = kh == kw == 1 and stride == 1 and pad_h == pad_w == 0  # then cols is x, channel-major
     same_size = stride == 1 and (ho, wo) == (h, wd)  # then _fill_by_shifts copies long runs
     slices = list(_offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w))
     cols6 = None
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         xt = x[start : start + m].transpose(1, 0, 2, 3)  # (m, C, H, W) → (C, m, H, W), a view
-        if one_by_one:
-            yield start, xt.reshape(c, m * h * wd)  # (C, m, H, W) → (C, m·H·W): a copy unless m = 1
-            continue
         if cols6 is None or cols6.shape[3] != m:  # the first chunk, or a shorter last one
             cols6 = _cols_workspace(xp, (c, kh, kw, m, ho, wo), x.dtype, (h, wd, stride, pad_h, pad_w))
         if same_size:
@@ -212,8 +211,21 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding: int = 0):
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"conv2d: input {h}×{wd} is smaller than the {kh}×{kw} kernel with padding {padding}")
-    out = _correlate(x, w, b, stride, padding, padding)
+    if _pointwise(kh, kw, stride, padding):
+        out = get_xp(x, w).matmul(w.reshape(o, c), x.reshape(n, c, h * wd))  # (O, C) @ (N, C, H·W) → (N, O, H·W)
+        if b is not None:
+            out += b.reshape(1, o, 1)
+        out = out.reshape(n, o, h, wd)
+    else:
+        out = _correlate(x, w, b, stride, padding, padding)
     return out, Conv2dCache(x, w, stride, padding, b is not None)
+
+
+def _pointwise(kh: int, kw: int, stride: int, padding: int) -> bool:
+    """A 1×1 convolution with stride 1 and no padding is a matrix product per image,
+    out[n] = W · x[n] with x[n] seen as (C, H·W): no im2col, and no transposes, since the batched
+    product reads and writes the (N, C, H, W) layout as it is."""
+    return kh == kw == 1 and stride == 1 and padding == 0
 
 
 def _dx_by_transposed_conv(c: int, o: int, kh: int, kw: int, stride: int, padding: int) -> bool:
@@ -234,8 +246,6 @@ def _col2im(dcols, m: int, c: int, h: int, wd: int, kh: int, kw: int, stride: in
     xp = get_xp(dcols)
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
     dcols6 = dcols.reshape(c, kh, kw, m, ho, wo)  # (C·kh·kw, m·Ho·Wo) → (C, kh, kw, m, Ho, Wo)
-    if kh == kw == 1 and stride == 1 and padding == 0:  # every pixel was copied exactly once
-        return dcols6.reshape(c, m, h, wd).transpose(1, 0, 2, 3)  # (C, m, H, W) → (m, C, H, W)
     dxt = xp.zeros((c, m, h, wd), dtype=dcols.dtype)  # dx, channel-major like cols
     for i, j, (ys, xs), (in_rows, in_cols) in _offset_slices(kh, kw, h, wd, ho, wo, stride, padding, padding):
         dxt[:, :, in_rows, in_cols] += dcols6[:, i, j, :, ys, xs]  # one offset never hits a pixel twice
@@ -258,6 +268,13 @@ def conv2d_backward(dout, cache: Conv2dCache):
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     ho, wo = dout.shape[2], dout.shape[3]
+    # db: Σ over n, then over (y, x); several times faster than one sum over axes (0, 2, 3)
+    db = dout.sum(axis=0).reshape(o, ho * wo).sum(axis=1) if has_bias else None  # (O, Ho, Wo) → (O, Ho·Wo) → (O,)
+    if _pointwise(kh, kw, stride, padding):
+        d3, x3 = dout.reshape(n, o, h * wd), x.reshape(n, c, h * wd)  # (N, ·, H, W) → (N, ·, H·W)
+        dx = xp.matmul(w.reshape(o, c).T, d3).reshape(x.shape)  # dx[n] = Wᵀ · dout[n]
+        dw = xp.tensordot(d3, x3, axes=([0, 2], [0, 2])).reshape(w.shape)  # Σ_n dout[n] · x[n]ᵀ
+        return dx, dw, db
     w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
     transposed = _dx_by_transposed_conv(c, o, kh, kw, stride, padding)
     dw_t = xp.zeros((c * kh * kw, o), dtype=dout.dtype)  # dWᵀ, summed over the chunks
@@ -272,8 +289,6 @@ def conv2d_backward(dout, cache: Conv2dCache):
         w_rot = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (O, C, kh, kw) → (C, O, kh, kw), rotated 180°
         dx = _correlate(dout, w_rot, None, 1, kh - 1 - padding, kw - 1 - padding)
     dw = xp.ascontiguousarray(dw_t.T).reshape(w.shape)  # (O, C·kh·kw) → (O, C, kh, kw)
-    # db: Σ over n, then over (y, x); several times faster than one sum over axes (0, 2, 3)
-    db = dout.sum(axis=0).reshape(o, ho * wo).sum(axis=1) if has_bias else None  # (O, Ho, Wo) → (O, Ho·Wo) → (O,)
     return dx, dw, db
 
 
