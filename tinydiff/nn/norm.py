@@ -19,25 +19,23 @@ from ..backend import get_xp
 
 
 class NormCache(NamedTuple):
-    x_hat: object  # normalised input, laid out as (..., group) with the normalised set last
-    inv_std: object  # 1/√(σ² + ε), broadcastable against x_hat
+    x_hat: object  # normalised input, laid out as (..., m) with the normalised set of m numbers last
+    inv_std: object  # 1/√(σ² + ε), (..., 1), broadcastable against x_hat
     gamma: object
     shape: tuple  # the input's shape
 
 
-def _normalize(x, axes, eps):
+def _normalize(x, eps):
+    """Normalise each row of x (..., m) over its m numbers. Returns x̂ (..., m) and 1/√(σ² + ε) (..., 1).
+
+    Two passes over x and one new array: σ² is a row-wise dot product of the centred values
+    with themselves (einsum, no squared copy), and x̂ overwrites the centred copy."""
     xp = get_xp(x)
-    mu = x.mean(axis=axes, keepdims=True)
-    centred = x - mu
-    var = (centred * centred).mean(axis=axes, keepdims=True)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = xp.einsum("...k,...k->...", centred, centred)[..., None] / x.shape[-1]  # (..., 1)
     inv_std = 1.0 / xp.sqrt(var + eps)
-    return centred * inv_std, inv_std
-
-
-def _normalize_backward(g, x_hat, inv_std, axes):
-    mean_g = g.mean(axis=axes, keepdims=True)
-    mean_gx = (g * x_hat).mean(axis=axes, keepdims=True)
-    return inv_std * (g - mean_g - x_hat * mean_gx)
+    centred *= inv_std  # now x̂
+    return centred, inv_std
 
 
 def group_norm_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
@@ -48,25 +46,42 @@ def group_norm_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
     n, c = x.shape[:2]
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels cannot be split into {num_groups} groups")
-    xg = x.reshape(n, num_groups, -1)  # (N, G, C/G · spatial)
-    x_hat, inv_std = _normalize(xg, axes=2, eps=eps)
-    affine_shape = (1, c) + (1,) * (x.ndim - 2)
-    out = x_hat.reshape(x.shape) * gamma.reshape(affine_shape) + beta.reshape(affine_shape)
-    return out, NormCache(x_hat, inv_std, gamma, x.shape)
+    x_hat, inv_std = _normalize(x.reshape(n, num_groups, -1), eps)  # (N, G, C/G · spatial)
+    out = x_hat.reshape(n, c, -1) * gamma.reshape(1, c, 1)  # (N, G, C/G·S) → (N, C, S)
+    out += beta.reshape(1, c, 1)
+    return out.reshape(x.shape), NormCache(x_hat, inv_std, gamma, x.shape)
 
 
 def group_norm_backward(dout, cache: NormCache):
-    """Returns (dx, dgamma, dbeta); dγ = Σ dy ⊙ x̂ and dβ = Σ dy over all but the channel axis."""
+    """Returns (dx, dgamma, dbeta): the module docstring's formula, evaluated through two sums
+    per image and channel, S1 = Σ_s dy and S2 = Σ_s dy ⊙ x̂ (s over positions):
+
+        dβ_c = Σ_n S1[n, c],    dγ_c = Σ_n S2[n, c],
+        mean(g) = (1/m) Σ_{c ∈ group} γ_c S1[n, c],   mean(g ⊙ x̂) = (1/m) Σ_{c ∈ group} γ_c S2[n, c],
+        dx = dy · (γ_c/σ) − x̂ · mean(g ⊙ x̂)/σ − mean(g)/σ      (σ = √(σ² + ε) of the group)
+
+    so g = γ ⊙ dy is never formed: two reductions and one pass that writes dx.
+    """
     x_hat, inv_std, gamma, shape = cache
+    xp = get_xp(dout)
     n, c = shape[:2]
-    affine_shape = (1, c) + (1,) * (len(shape) - 2)
-    reduce_axes = (0,) + tuple(range(2, len(shape)))
-    x_hat_full = x_hat.reshape(shape)
-    dgamma = (dout * x_hat_full).sum(axis=reduce_axes)
-    dbeta = dout.sum(axis=reduce_axes)
-    g = (dout * gamma.reshape(affine_shape)).reshape(x_hat.shape)  # (N, G, C/G · spatial)
-    dx = _normalize_backward(g, x_hat, inv_std, axes=2).reshape(shape)
-    return dx, dgamma, dbeta
+    groups, m = x_hat.shape[1], x_hat.shape[2]
+    dy = dout.reshape(n, c, -1)  # (N, C, S)
+    xh = x_hat.reshape(n, c, -1)  # (N, G, C/G·S) → (N, C, S)
+    s1 = dy.sum(axis=2)  # (N, C)
+    s2 = xp.einsum("ncs,ncs->nc", dy, xh)  # (N, C)
+    dgamma, dbeta = s2.sum(axis=0), s1.sum(axis=0)
+    mean_g = (s1 * gamma).reshape(n, groups, -1).sum(axis=2) / m  # (N, C) → (N, G, C/G) → (N, G)
+    mean_gx = (s2 * gamma).reshape(n, groups, -1).sum(axis=2) / m
+    inv = inv_std.reshape(n, groups, 1)
+    per_channel = (n, c, 1)  # (N, G, C/G) → (N, C, 1): one coefficient per image and channel
+    a = (gamma.reshape(1, groups, -1) * inv).reshape(per_channel)
+    b = xp.broadcast_to(-inv * mean_gx[..., None], (n, groups, c // groups)).reshape(per_channel)
+    k = xp.broadcast_to(-inv * mean_g[..., None], (n, groups, c // groups)).reshape(per_channel)
+    dx = dy * a
+    dx += xh * b
+    dx += k
+    return dx.reshape(shape), dgamma, dbeta
 
 
 def layer_norm_forward(x, gamma, beta, eps: float = 1e-5):
@@ -74,17 +89,22 @@ def layer_norm_forward(x, gamma, beta, eps: float = 1e-5):
 
     Shapes: x (..., *normalized_shape), gamma/beta normalized_shape → out like x.
     """
-    axes = tuple(range(x.ndim - gamma.ndim, x.ndim))
-    x_hat, inv_std = _normalize(x, axes=axes, eps=eps)
-    return x_hat * gamma + beta, NormCache(x_hat, inv_std, gamma, x.shape)
+    lead = x.shape[: x.ndim - gamma.ndim]
+    x_hat, inv_std = _normalize(x.reshape(lead + (-1,)), eps)  # (..., *normalized_shape) → (..., m)
+    out = x_hat.reshape(x.shape) * gamma
+    out += beta
+    return out, NormCache(x_hat, inv_std, gamma, x.shape)
 
 
 def layer_norm_backward(dout, cache: NormCache):
-    """Returns (dx, dgamma, dbeta); dγ and dβ sum over the leading (batch) axes."""
-    x_hat, inv_std, gamma, _ = cache
-    axes = tuple(range(x_hat.ndim - gamma.ndim, x_hat.ndim))
-    lead = tuple(range(x_hat.ndim - gamma.ndim))
+    """Returns (dx, dgamma, dbeta): the module docstring's formula with g = γ ⊙ dy; dγ and dβ sum
+    over the leading (batch) axes."""
+    x_hat, inv_std, gamma, shape = cache
+    lead = tuple(range(len(shape) - gamma.ndim))
+    x_hat = x_hat.reshape(shape)
     dgamma = (dout * x_hat).sum(axis=lead)
     dbeta = dout.sum(axis=lead)
-    dx = _normalize_backward(dout * gamma, x_hat, inv_std, axes=axes)
-    return dx, dgamma, dbeta
+    g = (dout * gamma).reshape(inv_std.shape[:-1] + (-1,))  # (..., m)
+    x_hat = x_hat.reshape(g.shape)
+    dx = inv_std * (g - g.mean(axis=-1, keepdims=True) - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    return dx.reshape(shape), dgamma, dbeta
