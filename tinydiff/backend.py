@@ -110,15 +110,20 @@ def get_xp(*arrays) -> ModuleType:
     Mixing NumPy and CuPy arrays is an error: it would silently copy across the bus, or fail deep
     inside an operation with an unhelpful message.
     """
-    names = {backend_of(a) for a in arrays if a is not None and not np.isscalar(a)}
-    if len(names) > 1:
+    on_cpu = on_gpu = False  # Python and NumPy scalars count as neither: they mix with both
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            on_cpu = True
+        elif type(a).__module__.startswith("cupy"):
+            on_gpu = True
+    if on_cpu and on_gpu:
         raise BackendError(
             "arrays from two backends (numpy and cupy) were mixed; move them to one device first "
             "with tinydiff.backend.to_device(x, backend) or module.to(backend)"
         )
-    if not names:
-        return default_xp()
-    return _module_for(names.pop())
+    if on_cpu:
+        return np
+    return _module_for("cupy") if on_gpu else default_xp()
 
 
 def to_numpy(x) -> np.ndarray:

@@ -163,7 +163,7 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
     per_image = c * kh * kw * ho * wo * x.itemsize
     chunk = max(1, min(n, _chunk_bytes(x) // per_image))
     same_size = stride == 1 and (ho, wo) == (h, wd)  # then _fill_by_shifts copies long runs
-    slices = list(_offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w))
+    slices = [] if same_size else list(_offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w))
     cols6 = None
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
