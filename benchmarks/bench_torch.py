@@ -33,9 +33,10 @@ count is used for both. Each thread count runs in its own subprocess with
 OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = MKL_NUM_THREADS = T and ``torch.set_num_threads(T)``,
 so NumPy's BLAS and PyTorch get the same number of threads; the float32 GEMM rate (1024³) of
 NumPy and of PyTorch is measured in the same process. In the unet-train and sample64 cases
-tinydiff uses its T threads its own way: the batch is split into T blocks of rows, one per
-thread, with single-threaded BLAS (``diffusion_grads(threads=T)``, ``pipeline.threads``);
-PyTorch uses its intra-op threads.
+tinydiff uses its T cores its own way, with single-threaded BLAS: the batch is split into T
+blocks of rows, which sample64 runs on T threads (``pipeline.threads``) and unet-train in this
+process and T − 1 worker processes (``diffusion_grads(threads=T)``; the workers start during
+the case's set-up, so their start-up is not timed). PyTorch uses its intra-op threads.
 
 On a machine shared with other jobs, timings with 2 threads on 2 cores are erratic (a BLAS thread
 waiting for a busy core stalls every GEMM); the script prints the load average before each run.
@@ -245,7 +246,11 @@ def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
         torch_grads(torch_gen)
         torch_optimizer.step()
 
-    return Case(tiny_step, torch_step, training_flops(tiny_step), parity,
+    # FLOPs counted on one core: with several, the workers' products happen in other processes
+    one_core = diffusion_grads(unet, latents, diffusion, FixedContexts(contexts))
+    flops = training_flops(lambda: one_core(0, rng(3)))
+    unet.zero_grad()
+    return Case(tiny_step, torch_step, flops, parity,
                 f"latent U-Net training step, batch {batch}, {unet.num_parameters():,} params")
 
 
@@ -380,7 +385,7 @@ def sample_case(num_images: int = 64, threads: int = 1) -> Case:
                 f"{num_images} images, {d.steps} {d.sampler} {d.sigma_schedule} steps, guidance {d.guidance_scale}")
 
 
-THREADED_CASES = ("unet-train", "sample64")  # tinydiff splits the batch over T threads (BLAS single-threaded)
+THREADED_CASES = ("unet-train", "sample64")  # tinydiff splits the batch over T cores (BLAS single-threaded)
 BUILDERS = {"unet-train": unet_train_case, "vae-train": vae_train_case, "text-train": text_train_case,
             "sample64": sample_case}
 

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: TINYDIFF_BACKEND or numpy)")
     train.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
     train.add_argument("--quick", action="store_true", help="a smoke run of under a minute (no useful model)")
-    train.add_argument("--threads", type=int, help="CPU threads sharing each U-Net batch (default: one per core)")
+    train.add_argument("--threads", type=int, help="CPU cores sharing each U-Net batch, one worker process each beyond the first (default: one per core)")
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser("sample", help="generate digits from a prompt")

@@ -18,27 +18,26 @@ A *conditioning* is any object with
 
 so the same step trains the class-conditional pixel model and the text-conditional latent model.
 
-**Threads.** With ``threads`` > 1 (NumPy only) the batch is cut into that many blocks of rows and
-each block runs forward and backward on its own CPU thread, on its own replica of the U-Net
-(layers keep their caches on themselves, so two passes at once need two module trees). The
-replicas share the weights' arrays and have their own ``.grad``; after the passes their
-gradients are added into the U-Net's. The loss is a mean over the whole batch, so each block's
-loss and gradient are scaled by its share of the rows, and the result equals the single-threaded
-step up to float rounding (tested).
+**Several cores.** With ``threads`` > 1 (NumPy only) the batch is cut into that many blocks of
+rows. This process runs forward and backward on the first block while worker processes run the
+others, each on its own replica of the U-Net that shares the weights (``parallel.GradientWorkers``,
+which says why processes and not Python threads); the replicas' gradients are then added into the
+U-Net's. The loss is a mean over the whole batch, so each block's loss and gradient are scaled by
+its share of the rows, and the result equals the one-core step up to float rounding (tested).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backend import backend_of, get_xp, row_blocks, run_in_threads, to_device
+from ..backend import backend_of, get_xp, row_blocks, to_device
 from ..diffusion.noise import alphas_cumprod_at, check_prediction_type, loss_weights, prediction_target, q_sample
 from ..diffusion.schedules import NoiseSchedule, make_schedule
 from ..models.unet import UNet
 from ..nn import Embedding, mse_loss
+from .parallel import GradientWorkers
 
 
 @dataclass
@@ -72,13 +71,23 @@ class LabelConditioning:
         self.embedding.backward(dcontext[:, 0, :])
 
 
+def block_grads(unet: UNet, x_t, t, target, weights, context, mask, share: float):
+    """Forward and backward of one block of a batch's rows, whose ``share`` of the rows scales
+    its loss (a mean over the block) to its part of the batch's mean. Returns (loss part, dcontext)."""
+    pred = unet(x_t, t, context, mask)
+    loss, dpred = mse_loss(pred, target, weights)
+    _, dcontext = unet.backward(dpred * share)
+    return loss * share, dcontext
+
+
 def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None, *, threads: int = 1):
     """The ``compute_grads(step, generator)`` for ``train_loop``: one step of Algorithm 1.
 
     ``data`` is the whole training set x0 (N, C, H, W) on the model's device (float32, pixels in
     [−1, 1] or scaled latents); batches, timesteps, noise and dropout are drawn from ``generator``
     on the CPU, so a run is reproducible on either backend and resumes exactly. ``threads``: CPU
-    threads sharing each batch (see the module docstring); 1 on CuPy whatever is asked.
+    cores sharing each batch, this process and ``threads`` − 1 workers (see the module
+    docstring); 1 on CuPy whatever is asked. The workers start at the first step.
     """
     check_prediction_type(config.prediction_type)
     if conditioning is not None and not unet.config.learned_null_context and config.cond_drop_prob > 0:
@@ -87,18 +96,17 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
     backend, dtype = backend_of(data), data.dtype
     n, b = data.shape[0], config.batch_size
     blocks = row_blocks(b, threads if backend == "numpy" else 1)
-    replicas = [unet] + [copy.deepcopy(unet) for _ in blocks[1:]]  # block k runs on replicas[k]
-    shared = [(mine, theirs) for replica in replicas[1:]  # (U-Net parameter, a replica's twin)
-              for mine, theirs in zip(unet.parameters(), replica.parameters())]
+    workers = []  # the GradientWorkers, once started
 
-    def block_grads(replica: UNet, rows: slice, x_t, t, target, weights, context, mask):
-        """Forward and backward of one block of rows; its share of the loss, and dcontext."""
-        share = (rows.stop - rows.start) / b  # the block's loss is a mean over its rows only
-        sliced = (lambda a: None if a is None else a[rows])
-        pred = replica(x_t[rows], t[rows], sliced(context), sliced(mask))
-        loss, dpred = mse_loss(pred, target[rows], weights[rows])
-        _, dcontext = replica.backward(dpred * share)
-        return loss * share, dcontext
+    def run_blocks(*arrays):
+        """block_grads on each block of rows: here alone, or here and in the workers at once."""
+        per_block = [tuple(None if a is None else a[rows] for a in arrays) + ((rows.stop - rows.start) / b,)
+                     for rows in blocks]
+        if len(blocks) == 1:
+            return [block_grads(unet, *per_block[0])]
+        if not workers:
+            workers.append(GradientWorkers(unet, len(blocks) - 1))
+        return workers[0].run(block_grads, per_block)
 
     def compute_grads(step, generator):
         idx = generator.integers(0, n, size=b)
@@ -119,14 +127,7 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
             if config.cond_drop_prob > 0:
                 context, mask = unet.replace_with_null_context(context, mask, dropped)
         t_in = to_device(t.astype(dtype), backend)
-        for mine, theirs in shared:  # the replicas read the current weights (resume may replace arrays)
-            theirs.data = mine.data
-        results = run_in_threads([
-            lambda replica=replica, rows=rows: block_grads(replica, rows, x_t, t_in, target, weights, context, mask)
-            for replica, rows in zip(replicas, blocks)])
-        for mine, theirs in shared:
-            mine.grad += theirs.grad
-            theirs.grad[...] = 0
+        results = run_blocks(x_t, t_in, target, weights, context, mask)
         loss = sum(part for part, _ in results)
         if conditioning is not None:
             dcontext = get_xp(x_t).concatenate([d for _, d in results])  # (B, L, D)

@@ -70,7 +70,7 @@ def train_latent_unet(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder,
                       loop: LoopConfig, diffusion: DiffusionConfig | None = None, *, checkpoint_path=None,
                       resume: bool = False, callback=None, stop_at: int | None = None, threads: int = 1) -> dict:
     """Train ``unet`` on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts;
-    ``threads`` CPU threads share each batch (``diffusion_grads``)."""
+    ``threads`` CPU cores share each batch (``diffusion_grads``: this process and worker processes)."""
     diffusion = diffusion or DiffusionConfig()
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
     conditioning = CaptionConditioning(text_encoder, tokenizer, train_data.labels, train_data.attributes)

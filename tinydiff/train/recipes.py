@@ -53,7 +53,7 @@ class RecipeConfig:
     clip_batch_size: int = 128  # image–caption pairs per contrastive step
     train_subset: int | None = None  # use only the first N training digits (smoke runs)
     seed: int = 0  # seeds every stage's initial weights and data order
-    threads: int | None = None  # CPU threads sharing each U-Net batch (None: one per core)
+    threads: int | None = None  # CPU cores sharing each U-Net batch, in worker processes (None: one per core)
 
 
 def quick_recipe() -> RecipeConfig:

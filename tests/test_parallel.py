@@ -1,0 +1,98 @@
+"""Gradient worker processes (train/parallel.py): shared weights, summed gradients, clear failures."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinydiff.nn import Linear, manual_seed
+from tinydiff.train.parallel import GradientWorkers, WorkerError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def linear_step(model, x, dout):
+    """Forward and backward of one block of rows (module level: workers import it by name)."""
+    out = model(x)
+    model.backward(dout)
+    return float(out.sum())
+
+
+def make_linear():
+    manual_seed(1)
+    return Linear(4, 3).double()
+
+
+def reference_grads(x, dout, weight=None):
+    model = make_linear()
+    if weight is not None:
+        model.weight.data = weight.copy()
+    out = linear_step(model, x, dout)
+    return out, model.weight.grad, model.bias.grad
+
+
+@pytest.fixture
+def data():
+    gen = np.random.default_rng(0)
+    return gen.standard_normal((7, 4)), gen.standard_normal((7, 3))
+
+
+def blocks_of(x, dout, bounds=(0, 3, 5, 7)):
+    return [(x[lo:hi], dout[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def test_workers_sum_the_gradients_of_all_blocks_and_follow_replaced_weights(data):
+    x, dout = data
+    model = make_linear()
+    workers = GradientWorkers(model, 2)
+    try:
+        for weight in (None, np.full((3, 4), 0.5)):  # then a new array, as loading a checkpoint gives
+            if weight is not None:
+                model.weight.data = weight.copy()
+            model.zero_grad()
+            parts = workers.run(linear_step, blocks_of(x, dout))
+            out, dw, db = reference_grads(x, dout, weight)
+            assert sum(parts) == pytest.approx(out, rel=1e-12)
+            np.testing.assert_allclose(model.weight.grad, dw, rtol=1e-12)
+            np.testing.assert_allclose(model.bias.grad, db, rtol=1e-12)
+            assert np.abs(dw).max() > 0
+    finally:
+        workers.close()
+
+
+def test_an_error_in_a_worker_is_raised_here_with_its_traceback(data):
+    x, dout = data
+    workers = GradientWorkers(make_linear(), 1)
+    try:
+        with pytest.raises(WorkerError, match="worker 1 failed(.|\n)*ValueError"):
+            workers.run(linear_step, [(x, dout), (x[:, :2], dout)])  # the worker's block has 2 features, not 4
+    finally:
+        workers.close()
+
+
+def test_a_worker_that_died_gives_an_error_not_a_hang(data):
+    x, dout = data
+    workers = GradientWorkers(make_linear(), 1)
+    workers._processes[0].kill()
+    workers._processes[0].join()
+    with pytest.raises(WorkerError, match="stopped"):
+        workers.run(linear_step, blocks_of(x, dout, (0, 4, 7)))
+
+
+def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path):
+    """Spawned workers import the script; unguarded, each would start workers again. The worker
+    dies while starting, and the script must stop with the advice, not hang."""
+    script = tmp_path / "train_unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from tinydiff.nn import Linear
+        from tinydiff.train.parallel import GradientWorkers
+        GradientWorkers(Linear(2, 2), 1)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1]
