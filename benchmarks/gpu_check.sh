@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a machine with an NVIDIA GPU and CuPy: tests on CuPy, a short training run,
-# NumPy-vs-CuPy agreement of one seeded image, and the benchmarks on both. Everything it prints
-# also goes to ${OUT:-.}/gpu_check.txt.
+# NumPy-vs-CuPy agreement of one seeded image, the benchmarks on CuPy, and the PyTorch reference
+# on two of the machine's CPU cores. Everything it prints also goes to ${OUT:-.}/gpu_check.txt.
 #
 #     bash benchmarks/gpu_check.sh [PIPELINE_FOLDER]     (default: the shipped weights)
 set -uo pipefail
@@ -35,6 +35,6 @@ PY
 echo "== benchmarks on CuPy"
 TINYDIFF_BACKEND=cupy timeout 60 python3 benchmarks/bench_unet.py --repeats 3 --cases latent-train latent-eval pixel-train sample64 ${model:+--model "$model"} 2>&1
 
-echo "== benchmarks on this machine's CPU, 2 cores pinned (taskset -c 0,1)"
-taskset -c 0,1 timeout 60 python3 benchmarks/bench_unet.py --repeats 2 --cases latent-train latent-eval sample64 ${model:+--model "$model"} 2>&1
+echo "== PyTorch reference on this machine's CPU, 2 cores pinned (taskset -c 0,1)"
+taskset -c 0,1 timeout 170 python3 benchmarks/bench_torch.py --threads 1 2 --repeats 5 --cases unet-train sample64 2>&1
 } 2>&1 | tee "$out"
