@@ -87,7 +87,8 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
     [−1, 1] or scaled latents); batches, timesteps, noise and dropout are drawn from ``generator``
     on the CPU, so a run is reproducible on either backend and resumes exactly. ``threads``: CPU
     cores sharing each batch, this process and ``threads`` − 1 workers (see the module
-    docstring); 1 on CuPy whatever is asked. The workers start at the first step.
+    docstring); 1 on CuPy whatever is asked. The workers start at the first step and stop when
+    the returned function is garbage-collected, or at once with its ``close()``.
     """
     check_prediction_type(config.prediction_type)
     if conditioning is not None and not unet.config.learned_null_context and config.cond_drop_prob > 0:
@@ -136,4 +137,5 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
             conditioning.backward(dcontext)
         return loss, {"dropped": int(dropped_np.sum()) if conditioning is not None else 0}
 
+    compute_grads.close = lambda: workers and workers.pop().close()
     return compute_grads

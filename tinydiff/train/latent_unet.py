@@ -75,6 +75,9 @@ def train_latent_unet(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder,
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
     conditioning = CaptionConditioning(text_encoder, tokenizer, train_data.labels, train_data.attributes)
     grads = diffusion_grads(unet, latents, diffusion, conditioning, threads=threads)
-    return train_loop(unet, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind=CHECKPOINT_KIND,
-                      model_config={"unet": unet.config.to_dict(), "diffusion": diffusion.to_dict()},
-                      callback=callback, stop_at=stop_at)
+    try:
+        return train_loop(unet, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind=CHECKPOINT_KIND,
+                          model_config={"unet": unet.config.to_dict(), "diffusion": diffusion.to_dict()},
+                          callback=callback, stop_at=stop_at)
+    finally:
+        grads.close()  # the worker processes end with the stage

@@ -111,7 +111,7 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
             result = fn(lambda d: emit({**d, "stage": name}))
         seconds = time.perf_counter() - start
         record["seconds"][name] = record["seconds"].get(name, 0.0) + seconds
-        record.setdefault("peak_rss_mb", {})[name] = _peak_rss_mb()
+        record.setdefault("peak_rss_mb", {})[name] = _peak_rss_mb()  # this process (not the U-Net's workers)
         save_json(record_path, record)
         _plot_loss(result["history"], out / name / "loss.png", name)
         emit({"stage": name, "event": "end", "total_steps": total_steps, "seconds": seconds})
