@@ -73,6 +73,18 @@ def test_an_error_in_a_worker_is_raised_here_with_its_traceback(data):
         workers.close()
 
 
+def test_a_failed_step_stops_the_workers_so_no_stale_answer_is_read_later(data):
+    """The worker's answer to a step that failed here would otherwise wait in its pipe and be
+    taken for the next step's; diffusion_grads starts new workers after such a step."""
+    x, dout = data
+    workers = GradientWorkers(make_linear(), 1)
+    with pytest.raises(ValueError):
+        workers.run(linear_step, [(x[:, :2], dout), (x, dout)])  # this process's block is the bad one
+    assert workers.closed
+    with pytest.raises(WorkerError, match="stopped"):
+        workers.run(linear_step, blocks_of(x, dout, (0, 4, 7)))
+
+
 def test_a_worker_that_died_gives_an_error_not_a_hang(data):
     x, dout = data
     workers = GradientWorkers(make_linear(), 1)

@@ -54,6 +54,28 @@ def test_threaded_step_equals_single_threaded_step(threads):
         assert np.abs(g1[name]).max() > 0, name  # the paths the replicas and the main thread share
 
 
+def test_a_step_after_an_interrupted_one_runs_on_new_workers_and_is_right():
+    """A step that fails mid-way (Ctrl-C in a notebook, say) stops the workers; the next step
+    starts new ones and computes the same gradients as one core."""
+    data, labels = tiny_data()
+    results = []
+    for threads in (1, 2):
+        model = make_model().double()
+        step = diffusion_grads(model.unet, data.astype(np.float64), DiffusionConfig(batch_size=8),
+                               LabelConditioning(model.label_embedding, labels), threads=threads)
+        if threads == 2:
+            step(0, np.random.default_rng(1))  # the workers start
+            model.unet.forward = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt)  # this process's block
+            with pytest.raises(KeyboardInterrupt):
+                step(0, np.random.default_rng(2))
+            del model.unet.forward
+        model.zero_grad()
+        loss, _ = step(0, np.random.default_rng(5))
+        results.append((loss, model.unet.conv_in.weight.grad.copy()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-9, atol=1e-12)
+
+
 def test_threaded_training_resumes_bitwise_exactly(tmp_path):
     data, labels = tiny_data()
     loop = LoopConfig(total_steps=6, warmup_steps=2, checkpoint_every=3, ema_decay=0.9)

@@ -105,8 +105,8 @@ def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None
                      for rows in blocks]
         if len(blocks) == 1:
             return [block_grads(unet, *per_block[0])]
-        if not workers:
-            workers.append(GradientWorkers(unet, len(blocks) - 1))
+        if not workers or workers[0].closed:  # the first step, or the one after an interrupted step
+            workers[:] = [GradientWorkers(unet, len(blocks) - 1)]
         return workers[0].run(block_grads, per_block)
 
     def compute_grads(step, generator):

@@ -138,11 +138,15 @@ class GradientWorkers:
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._processes)
         # Small messages first: a worker that dies while starting (a script without the __main__
         # guard) is seen here, before anything large is written to a pipe it will never read.
-        for k in range(count):
-            self._receive(k)  # "started"
-            self._conns[k].send_bytes(replica)
-        for k in range(count):
-            self._receive(k)  # "ready"
+        try:
+            for k in range(count):
+                self._receive(k)  # "started"
+                self._conns[k].send_bytes(replica)
+            for k in range(count):
+                self._receive(k)  # "ready"
+        except BaseException:
+            self.close()
+            raise
 
     def _share_weights(self) -> None:
         """Make each parameter's ``data`` its shared view again, copying in its current values, if
@@ -163,7 +167,6 @@ class GradientWorkers:
             ok, value = conn.recv()
         except EOFError:
             process.join(timeout=5)
-            self.close()
             raise WorkerError(
                 f"gradient worker {k + 1} stopped (exit code {process.exitcode}). If this runs from "
                 "a script, start training under `if __name__ == \"__main__\":` (workers are spawned and import "
@@ -173,22 +176,34 @@ class GradientWorkers:
         return value
 
     def run(self, step, blocks: list[tuple]) -> list:
+        if self.closed:
+            raise WorkerError("these gradient workers were stopped; start new ones")
         if len(blocks) != len(self._conns) + 1:
             raise ValueError(f"run needs {len(self._conns) + 1} blocks (this process and each worker), got {len(blocks)}")
         self._share_weights()
-        for k, args in enumerate(blocks[1:]):
-            try:
-                self._conns[k].send((step, args))
-            except OSError:  # a broken pipe: the worker has gone
-                self._receive(k)  # raises WorkerError with its exit code
-        with blas_threads(1):
-            results = [step(self.model, *blocks[0])]
-        results += [self._receive(k) for k in range(len(self._conns))]
+        try:
+            for k, args in enumerate(blocks[1:]):
+                try:
+                    self._conns[k].send((step, args))
+                except OSError:  # a broken pipe: the worker has gone
+                    self._receive(k)  # raises WorkerError with its exit code
+            with blas_threads(1):
+                results = [step(self.model, *blocks[0])]
+            results += [self._receive(k) for k in range(len(self._conns))]
+        except BaseException:
+            # An error here, or Ctrl-C, leaves answers and gradients of this step in the pipes and
+            # the shared blocks, where the next step would read them: stop the workers instead.
+            self.close()
+            raise
         for p, *theirs in zip(self.params, *self._grads):
             for grad in theirs:
                 p.grad += grad
                 grad[...] = 0
         return results
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def close(self) -> None:
         """Stop the workers (also done when this object is garbage-collected)."""
