@@ -198,7 +198,9 @@ def blas_info() -> str:
 # in hand-offs than it computes, and a training step runs faster with one BLAS thread than with
 # two (benchmarks/README.md). A batch splits perfectly instead: each CPU thread runs the whole
 # network on its own block of rows with single-threaded BLAS. NumPy releases Python's GIL inside
-# BLAS calls and array loops, so the threads overlap.
+# BLAS calls and array loops, so the threads overlap: enough for sampling (map_rows). A training
+# step makes many more small calls, each dispatched under the GIL, and splits its rows over
+# processes instead (train/parallel.py).
 
 _blas_pools = None  # threadpoolctl's handle on the BLAS libraries loaded in this process
 _row_pools: dict[int, ThreadPoolExecutor] = {}  # one pool per thread count, made on first use
