@@ -167,12 +167,12 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
     cols6 = None
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        xt = x[start : start + m].transpose(1, 0, 2, 3)  # (m, C, H, W) → (C, m, H, W), a view
         if cols6 is None or cols6.shape[3] != m:  # the first chunk, or a shorter last one
             cols6 = _cols_workspace(xp, (c, kh, kw, m, ho, wo), x.dtype, (h, wd, stride, pad_h, pad_w))
         if same_size:
             _fill_by_shifts(cols6, x[start : start + m], pad_h, pad_w)
         else:
+            xt = x[start : start + m].transpose(1, 0, 2, 3)  # (m, C, H, W) → (C, m, H, W), a view
             for i, j, (ys, xs), (in_rows, in_cols) in slices:
                 cols6[:, i, j, :, ys, xs] = xt[:, :, in_rows, in_cols]
         yield start, cols6.reshape(c * kh * kw, m * ho * wo)
