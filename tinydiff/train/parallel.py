@@ -85,9 +85,13 @@ def _serve(conn, weights, grads, layout) -> None:
                 return
             step, args = message
             try:
-                conn.send((True, step(replica, *args)))
+                reply = (True, step(replica, *args))
             except Exception:  # noqa: BLE001 - handed to the main process, which raises it
-                conn.send((False, traceback.format_exc()))
+                reply = (False, traceback.format_exc())
+            try:
+                conn.send(reply)
+            except OSError:  # the main process closed the workers while this step ran
+                return
 
 
 def _stop(conns, processes) -> None:
