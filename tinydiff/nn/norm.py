@@ -73,11 +73,10 @@ def group_norm_backward(dout, cache: NormCache):
     dgamma, dbeta = s2.sum(axis=0), s1.sum(axis=0)
     mean_g = (s1 * gamma).reshape(n, groups, -1).sum(axis=2) / m  # (N, C) → (N, G, C/G) → (N, G)
     mean_gx = (s2 * gamma).reshape(n, groups, -1).sum(axis=2) / m
-    inv = inv_std.reshape(n, groups, 1)
-    per_channel = (n, c, 1)  # (N, G, C/G) → (N, C, 1): one coefficient per image and channel
-    a = (gamma.reshape(1, groups, -1) * inv).reshape(per_channel)
-    b = xp.broadcast_to(-inv * mean_gx[..., None], (n, groups, c // groups)).reshape(per_channel)
-    k = xp.broadcast_to(-inv * mean_g[..., None], (n, groups, c // groups)).reshape(per_channel)
+    inv = inv_std.reshape(n, groups)  # (N, G, 1) → (N, G)
+    per_channel = (lambda per_group: xp.repeat(per_group, c // groups, axis=1).reshape(n, c, 1))  # (N, G) → (N, C, 1)
+    a = (gamma.reshape(1, groups, -1) * inv[..., None]).reshape(n, c, 1)  # γ_c/σ, (N, G, C/G) → (N, C, 1)
+    b, k = per_channel(-inv * mean_gx), per_channel(-inv * mean_g)
     dx = dy * a
     dx += xh * b
     dx += k
