@@ -278,3 +278,81 @@ def test_unknown_sampler_and_bad_options():
         sample_euler_ancestral(gaussian_denoiser, np.ones((1, 1)), np.array([1.0, 0.0]), eta=-1.0)
     with pytest.raises(TypeError):
         sample_heun(gaussian_denoiser, np.ones((1, 1)), np.array([1.0, 0.0]), eta=1.0)
+
+
+# --- one step pinned to the paper's formula on a non-uniform grid --------------------------------
+
+
+def reference_dpmpp_2m(denoiser, x, sigmas):
+    """DPM-Solver++ 2M (Lu et al. 2022, Algorithm 2) written from the paper in λ = −log σ, VE form:
+
+        h_i = λ_{i+1} − λ_i,   r_i = h_{i−1}/h_i
+        D̃_i = (1 + 1/(2 r_i))·D_i − (1/(2 r_i))·D_{i−1}     (D̃_0 = D_0: the first step is first order)
+        x_{i+1} = (σ_{i+1}/σ_i)·x_i − (e^{−h_i} − 1)·D̃_i
+
+    and the final step to σ = 0 (λ = ∞, e^{−h} = 0) is x ← D. Returns every x_i, i = 0 … n."""
+    lambdas = [-math.log(s) if s > 0 else math.inf for s in sigmas]
+    xs, denoised = [x], []
+    for i in range(len(sigmas) - 1):
+        denoised.append(denoiser(xs[i], sigmas[i]))
+        if sigmas[i + 1] == 0:
+            xs.append(denoised[i])
+            continue
+        h = lambdas[i + 1] - lambdas[i]
+        if i == 0:
+            mix = denoised[0]
+        else:
+            r = (lambdas[i] - lambdas[i - 1]) / h
+            mix = (1 + 1 / (2 * r)) * denoised[i] - 1 / (2 * r) * denoised[i - 1]
+        xs.append(sigmas[i + 1] / sigmas[i] * xs[i] - (math.exp(-h) - 1) * mix)
+    return xs
+
+
+def test_dpmpp_2m_multistep_matches_the_paper_on_a_non_uniform_grid():
+    """Step sizes in λ of 0.92, 1.79, 0.69, 1.39 (r far from 1) and a denoiser whose output moves
+    with σ, so that D_i ≠ D_{i−1} and the ratio r = h_{i−1}/h_i matters (r → 1/r would be wrong)."""
+    sigmas = np.array([10.0, 4.0, 0.667, 0.333, 0.083, 0.0])
+    h = -np.diff(np.log(sigmas[:-1]))
+    assert np.all(np.abs(h[:-1] / h[1:] - 1) > 0.4)  # every multistep ratio far from 1
+    x = np.random.default_rng(7).standard_normal((3, 1, 2, 2)) * 10.0
+    steps = []
+    out = sample_dpmpp_2m(mixture_denoiser, x, sigmas, callback=steps.append)
+    reference = reference_dpmpp_2m(mixture_denoiser, x, sigmas)
+    for i, step in enumerate(steps):
+        np.testing.assert_allclose(step["x"], reference[i], rtol=1e-12, atol=1e-12, err_msg=f"x_{i}")
+    np.testing.assert_allclose(out, reference[-1], rtol=1e-12, atol=1e-12)
+    # the multistep correction is not negligible here: a first-order step lands elsewhere
+    step = steps[2]
+    ratio = step["sigma_next"] / step["sigma"]
+    first_order = ratio * step["x"] + (1 - ratio) * step["denoised"]
+    assert np.max(np.abs(steps[3]["x"] - first_order)) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_ancestral"])
+def test_ddim_step_with_eta_between_0_and_1_has_the_closed_form_mean_and_variance(name):
+    """DDIM eq. 12 with eq. 16 at η = 0.5, written in VP terms and mapped to VE (x = x_VP/√ᾱ):
+
+        x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s − σ_η²)·ε̂ + σ_η·z,   σ_η = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s)
+
+    with ᾱ = 1/(1 + σ²) and ε̂ = (x − x̂0)/σ. The step's noise z is drawn again from the same seeds,
+    and the coefficients on x̂0, ε̂ and z are read back by least squares: the z coefficient squared
+    is the step's variance σ_η²/ᾱ_s, the ε̂ one the deterministic direction √(1 − ᾱ_s − σ_η²)/√ᾱ_s.
+    (Euler ancestral with η is the same step.)"""
+    eta, sigma, sigma_next = 0.5, 3.0, 1.2
+    sigmas = np.array([sigma, sigma_next, 0.0])
+    x = np.random.default_rng(8).standard_normal((2, 1, 8, 8)) * sigma
+    steps = []
+    get_sampler(name)(mixture_denoiser, x, sigmas, rng=11, eta=eta, callback=steps.append)
+    x_next, denoised = steps[1]["x"], steps[0]["denoised"]
+    eps = (x - denoised) / sigma  # ε̂
+    z = randn_per_sample(per_sample_generators(11, 2), x.shape, dtype=np.float64)  # the step's fresh noise
+
+    ab_t, ab_s = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)  # ᾱ_t, ᾱ_s
+    sigma_eta = eta * math.sqrt((1 - ab_s) / (1 - ab_t)) * math.sqrt(1 - ab_t / ab_s)  # eq. 16
+    expected = np.array([1.0, math.sqrt(1 - ab_s - sigma_eta**2) / math.sqrt(ab_s), sigma_eta / math.sqrt(ab_s)])
+
+    basis = np.stack([denoised.ravel(), eps.ravel(), z.ravel()], axis=1)  # (pixels, 3)
+    coefficients, *_ = np.linalg.lstsq(basis, x_next.ravel(), rcond=None)
+    np.testing.assert_allclose(basis @ coefficients, x_next.ravel(), rtol=0, atol=1e-12)  # exactly this form
+    np.testing.assert_allclose(coefficients, expected, rtol=1e-10)
+    assert 0.1 < expected[2] < expected[1]  # both the noise and the direction terms are present
