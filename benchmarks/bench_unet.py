@@ -46,16 +46,22 @@ CASES = ("pixel-train", "latent-train", "pixel-eval", "latent-eval", "sample64")
 
 @contextlib.contextmanager
 def count_flops():
-    """Count the forward FLOPs of every conv2d / linear / attention call made inside the block."""
+    """Count the forward FLOPs of every conv2d / linear / attention call made inside the block
+    (conv2d: the reference and the fast implementation, whichever the layers run)."""
+    from tinydiff.nn import conv as conv_module
+    from tinydiff.nn import fast_conv
     from tinydiff.nn import functional as F
 
     total = {"forward": 0}
-    originals = {name: getattr(F, name) for name in ("conv2d_forward", "linear_forward", "attention_forward")}
+    originals = {name: getattr(F, name) for name in ("linear_forward", "attention_forward")}
+    conv_originals = {m: m.conv2d_forward for m in (conv_module, fast_conv)}
 
-    def conv(x, w, b=None, stride=1, padding=0):
-        out, cache = originals["conv2d_forward"](x, w, b, stride, padding)
-        total["forward"] += 2 * out.size * w[0].size  # (N·O·Ho·Wo) outputs × C·kh·kw MACs
-        return out, cache
+    def counted_conv(module):
+        def conv(x, w, b=None, stride=1, padding=0):
+            out, cache = conv_originals[module](x, w, b, stride, padding)
+            total["forward"] += 2 * out.size * w[0].size  # (N·O·Ho·Wo) outputs × C·kh·kw MACs
+            return out, cache
+        return conv
 
     def linear(x, w, b=None):
         out, cache = originals["linear_forward"](x, w, b)
@@ -67,13 +73,17 @@ def count_flops():
         total["forward"] += 2 * cache.p.size * (q.shape[-1] + v.shape[-1])  # QKᵀ and PV
         return out, cache
 
-    for name, fn in (("conv2d_forward", conv), ("linear_forward", linear), ("attention_forward", attention)):
+    for name, fn in (("linear_forward", linear), ("attention_forward", attention)):
         setattr(F, name, fn)
+    for module in conv_originals:
+        module.conv2d_forward = counted_conv(module)
     try:
         yield total
     finally:
         for name, fn in originals.items():
             setattr(F, name, fn)
+        for module, fn in conv_originals.items():
+            module.conv2d_forward = fn
 
 
 def _synchronize() -> None:

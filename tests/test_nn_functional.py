@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from tinydiff.backend import rng, to_device, to_numpy
+from tinydiff.backend import fast_or_reference, rng, to_device, to_numpy, use_reference
+from tinydiff.nn import conv, fast_conv
 from tinydiff.nn import functional as F
 from tinydiff.nn.gradcheck import gradcheck
 
@@ -95,21 +96,39 @@ CONV_CASES = [  # (kernel, stride, padding)
 ]
 
 
+@pytest.fixture(params=["fast", "reference"])
+def conv_path(request):
+    """Runs the test with ``use_reference`` off ("fast") or on ("reference") and gives the module
+    whose conv2d_forward/backward pair the Conv2d layer then runs (fast_conv or conv)."""
+    with use_reference(request.param == "reference"):
+        pair = fast_or_reference(fast_conv, conv)
+        assert pair is (conv if request.param == "reference" else fast_conv)
+        yield pair
+
+
 @pytest.mark.parametrize("kernel,stride,padding", CONV_CASES)
-def test_conv2d_gradcheck(backends, kernel, stride, padding):
+def test_conv2d_gradcheck(backends, conv_path, kernel, stride, padding):
     tensors = dict(
         x=randn((2, 3, 7, 6), backends, 0),  # non-square input
         w=randn((4, 3, kernel, kernel), backends, 1),
         b=randn((4,), backends, 2),
     )
-    check_pair(lambda x, w, b: F.conv2d_forward(x, w, b, stride, padding), F.conv2d_backward, tensors)
+    check_pair(lambda x, w, b: conv_path.conv2d_forward(x, w, b, stride, padding), conv_path.conv2d_backward, tensors)
 
 
-def test_conv2d_without_bias_gradcheck_and_none_db(backends):
+def test_conv2d_gradcheck_of_even_same_size_inputs(backends, conv_path):
+    """3×3 'same' convolutions of even-sized images (the U-Net's 8×8 and 4×4), whose fast forward
+    and input gradient take the Winograd path, and 2×2 images (smaller than the kernel)."""
+    for size in [(4, 6), (2, 2)]:
+        tensors = dict(x=randn((2, 3) + size, backends, 0), w=randn((4, 3, 3, 3), backends, 1), b=randn((4,), backends, 2))
+        check_pair(lambda x, w, b: conv_path.conv2d_forward(x, w, b, 1, 1), conv_path.conv2d_backward, tensors)
+
+
+def test_conv2d_without_bias_gradcheck_and_none_db(backends, conv_path):
     tensors = dict(x=randn((2, 2, 5, 4), backends, 0), w=randn((3, 2, 3, 3), backends, 1))
-    check_pair(lambda x, w: F.conv2d_forward(x, w, None, 1, 1), F.conv2d_backward, tensors)
-    out, cache = F.conv2d_forward(tensors["x"], tensors["w"], None, 1, 1)
-    assert F.conv2d_backward(out, cache)[2] is None
+    check_pair(lambda x, w: conv_path.conv2d_forward(x, w, None, 1, 1), conv_path.conv2d_backward, tensors)
+    out, cache = conv_path.conv2d_forward(tensors["x"], tensors["w"], None, 1, 1)
+    assert conv_path.conv2d_backward(out, cache)[2] is None
 
 
 def naive_conv2d(x, w, b, stride, padding):
@@ -148,32 +167,36 @@ def naive_conv2d_backward(dout, x, w, stride, padding):
     return dxp[:, :, padding : padding + h, padding : padding + wd], dw, db
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 2, 0)])
-def test_conv2d_matches_naive_loops_forward_and_all_three_gradients(backends, kernel, stride, padding):
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 1, 1, (7, 6)), (3, 2, 1, (7, 6)), (1, 1, 0, (7, 6)), (1, 2, 0, (7, 6)), (3, 2, 0, (7, 6)),
+    (3, 1, 1, (8, 6)),  # even 'same': the fast path's Winograd forward and input gradient
+])
+def test_conv2d_matches_naive_loops_forward_and_all_three_gradients(backends, conv_path, kernel, stride, padding, size):
     g = np.random.default_rng(3)
-    x, w, b = g.standard_normal((2, 3, 7, 6)), g.standard_normal((4, 3, kernel, kernel)), g.standard_normal(4)
-    out, cache = F.conv2d_forward(*(to_device(a, backends) for a in (x, w, b)), stride, padding)
+    x, w, b = g.standard_normal((2, 3) + size), g.standard_normal((4, 3, kernel, kernel)), g.standard_normal(4)
+    out, cache = conv_path.conv2d_forward(*(to_device(a, backends) for a in (x, w, b)), stride, padding)
     ref = naive_conv2d(x, w, b, stride, padding)
     np.testing.assert_allclose(to_numpy(out), ref, rtol=1e-12, atol=1e-12)
     dout = g.standard_normal(ref.shape)
-    dx, dw, db = F.conv2d_backward(to_device(dout, backends), cache)
+    dx, dw, db = conv_path.conv2d_backward(to_device(dout, backends), cache)
     for got, want in zip((dx, dw, db), naive_conv2d_backward(dout, x, w, stride, padding)):
         np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel,size", [(3, (7, 6)), (5, (7, 6)), (3, (1, 1)), (3, (2, 3)), (5, (2, 3)), (5, (1, 4))])
 def test_same_size_conv2d_by_flat_shifts_matches_naive_loops(kernel, size):
-    """Stride 1 with padding (k − 1)/2 builds cols by shifting flattened images (_fill_by_shifts):
-    offsets whose shift wraps across a row edge, leaves the image, or sees only padding (kernels
-    wider than the image) must all read zeros there."""
+    """Stride 1 with padding (k − 1)/2 builds cols by shifting flattened images (fast_conv's
+    _fill_by_shifts): offsets whose shift wraps across a row edge, leaves the image, or sees only
+    padding (kernels wider than the image) must all read zeros there. The sizes are odd or the
+    kernels 5×5, so that the Winograd path does not take these convolutions."""
     g = np.random.default_rng(4)
     padding = (kernel - 1) // 2
     x, w, b = g.standard_normal((3, 2) + size), g.standard_normal((4, 2, kernel, kernel)), g.standard_normal(4)
     for _ in range(2):  # the second call reuses the first one's workspace
-        out, cache = F.conv2d_forward(x, w, b, 1, padding)
+        out, cache = fast_conv.conv2d_forward(x, w, b, 1, padding)
         np.testing.assert_allclose(out, naive_conv2d(x, w, b, 1, padding), rtol=1e-12, atol=1e-12)
     dout = g.standard_normal(out.shape)
-    for got, want in zip(F.conv2d_backward(dout, cache), naive_conv2d_backward(dout, x, w, 1, padding)):
+    for got, want in zip(fast_conv.conv2d_backward(dout, cache), naive_conv2d_backward(dout, x, w, 1, padding)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -182,14 +205,14 @@ def test_conv_output_size_formula():
     assert F.conv_output_size(32, 3, 1, 1) == 32  # "same" padding
 
 
-def test_conv2d_rejects_kernel_larger_than_input():
+def test_conv2d_rejects_kernel_larger_than_input(conv_path):
     with pytest.raises(ValueError, match="smaller than the 3×3 kernel"):
-        F.conv2d_forward(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 3)))
+        conv_path.conv2d_forward(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 3)))
 
 
-def test_conv2d_rejects_channel_mismatch():
+def test_conv2d_rejects_channel_mismatch(conv_path):
     with pytest.raises(ValueError, match="input has 2 channels but the weight expects 3"):
-        F.conv2d_forward(np.zeros((1, 2, 4, 4)), np.zeros((1, 3, 3, 3)))
+        conv_path.conv2d_forward(np.zeros((1, 2, 4, 4)), np.zeros((1, 3, 3, 3)))
 
 
 # --------------------------------------------------------------------------- upsampling
@@ -487,9 +510,8 @@ def test_gradcheck_rejects_a_non_contiguous_input():
 
 
 def test_conv2d_in_many_small_chunks_equals_one_chunk(monkeypatch):
-    """The batch is processed a few images at a time; chunk boundaries must not change anything."""
-    from tinydiff.nn import conv
-
+    """fast_conv processes the batch a few images at a time; chunk boundaries must not change anything."""
+    conv = fast_conv
     gen = np.random.default_rng(11)
     x = gen.standard_normal((5, 3, 7, 6))
     w = gen.standard_normal((4, 3, 3, 3))
@@ -508,13 +530,14 @@ def test_conv2d_in_many_small_chunks_equals_one_chunk(monkeypatch):
 
 
 def test_conv2d_workspace_reuse_across_geometries_with_the_same_cols_shape():
-    """The cols buffer is reused between calls; two convolutions whose cols have the same shape but
-    whose padding falls in different places (3×3, padding 1 on 8×8 and padding 0 on 10×10) must
-    each see zeros exactly where their own padding is, whatever ran before."""
+    """fast_conv reuses its cols buffer between calls; two convolutions whose cols have the same
+    shape but whose padding falls in different places (3×3, padding 1 on 7×7 and padding 0 on
+    9×9; odd sizes keep them off the Winograd path) must each see zeros exactly where their own
+    padding is, whatever ran before."""
     gen = np.random.default_rng(12)
     w = gen.standard_normal((2, 3, 3, 3))
-    x_pad1, x_pad0 = gen.standard_normal((2, 3, 8, 8)), gen.standard_normal((2, 3, 10, 10))
+    x_pad1, x_pad0 = gen.standard_normal((2, 3, 7, 7)), gen.standard_normal((2, 3, 9, 9))
     for _ in range(2):  # alternate, so each call finds the other's writes if the buffers were shared
         for x, padding in [(x_pad1, 1), (x_pad0, 0), (x_pad1, 1)]:
-            out, _ = F.conv2d_forward(x, w, None, 1, padding)  # no bias: the reference gets zeros
+            out, _ = fast_conv.conv2d_forward(x, w, None, 1, padding)  # no bias: the reference gets zeros
             np.testing.assert_allclose(out, naive_conv2d(x, w, np.zeros(2), 1, padding), rtol=1e-10, atol=1e-12)

@@ -253,3 +253,62 @@ def map_rows(fn, *arrays, threads: int | None = None):
     blocks = row_blocks(rows, threads)
     outputs = run_in_threads([lambda rows=rows: fn(*(a[rows] for a in arrays)) for rows in blocks])
     return np.concatenate(outputs)
+
+
+# --------------------------------------------------------------------------- reference or fast code
+#
+# Some operations exist twice: a reference written to be read (e.g. nn/conv.py: im2col over the
+# whole batch, one matrix product, col2im) and a fast version with the same results (nn/fast_conv.py:
+# chunks that stay in cache, shifted copies, Winograd). Layers run the fast one unless the
+# reference is asked for, with ``TINYDIFF_REFERENCE=1`` in the environment or ``use_reference()``.
+# An operation joins the switch by choosing its implementation per call with
+# ``fast_or_reference(fast, reference)`` and keeping the choice with its cache, so that backward
+# runs the same implementation as the forward pass it follows.
+
+def _reference_from_env() -> bool:
+    value = os.environ.get("TINYDIFF_REFERENCE", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise BackendError(f"TINYDIFF_REFERENCE={value!r} is not understood; use 1 (reference code) or 0 (fast code)")
+
+
+_reference: bool | None = None  # None: not chosen yet, read TINYDIFF_REFERENCE on first use
+
+
+class use_reference:
+    """Run the reference implementations (``True``) or the fast ones (``False``).
+
+    A plain call switches for the rest of the process; ``with use_reference():`` switches for the
+    block only and then restores the previous choice::
+
+        use_reference(True)            # from now on
+        with use_reference():          # inside the block only
+            out = conv(x)
+    """
+
+    def __init__(self, enabled: bool = True):
+        global _reference
+        self._previous, _reference = reference_enabled(), bool(enabled)
+
+    def __enter__(self) -> "use_reference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _reference
+        _reference = self._previous
+
+
+def reference_enabled() -> bool:
+    """Whether layers run the reference implementations (see ``use_reference``). The environment
+    is read on first use, so that a bad value is reported where the CLI reports errors."""
+    global _reference
+    if _reference is None:
+        _reference = _reference_from_env()
+    return _reference
+
+
+def fast_or_reference(fast, reference):
+    """``reference`` while ``use_reference`` is on, else ``fast`` (any objects: functions, modules)."""
+    return reference if reference_enabled() else fast

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from ..backend import DEFAULT_DTYPE, default_xp, rng
+from ..backend import DEFAULT_DTYPE, default_xp, fast_or_reference, rng
+from . import conv, fast_conv
 from . import functional as F
 from .module import Module, Parameter, init_generator, uniform_init
 
@@ -38,7 +39,10 @@ class Linear(Module):
 
 
 class Conv2d(Module):
-    """2-D convolution. weight (out_channels, in_channels, kh, kw), bias (out_channels,)."""
+    """2-D convolution. weight (out_channels, in_channels, kh, kw), bias (out_channels,).
+
+    Runs ``fast_conv``'s pair, or the reference pair of ``conv`` under ``backend.use_reference()``;
+    backward uses the pair its forward pass used."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -51,12 +55,14 @@ class Conv2d(Module):
     def forward(self, x):
         self._check_input(x, 4, self.in_channels, 1, "(N, C, H, W)")
         b = None if self.bias is None else self.bias.data
-        out, cache = F.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
-        self._keep(cache)
+        pair = fast_or_reference(fast_conv, conv)  # the module whose conv2d_forward/backward run
+        out, cache = pair.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        self._keep((pair, cache))
         return out
 
     def backward(self, dout):
-        dx, dw, db = F.conv2d_backward(dout, self._take())
+        pair, cache = self._take()
+        dx, dw, db = pair.conv2d_backward(dout, cache)
         self.weight.accumulate(dw, "weight")
         if self.bias is not None:
             self.bias.accumulate(db, "bias")

@@ -1,0 +1,289 @@
+"""2-D convolution, fast: im2col + GEMM a few images at a time (the cs231n "fast layers" file).
+
+``conv.py`` is the reference: the same equations written plainly (im2col over the whole batch,
+one matrix product, col2im). The functions here compute the same numbers (tests/test_fast_paths.py
+compares them in float64) and are what the ``Conv2d`` layer runs unless
+``tinydiff.backend.use_reference()`` is on. This docstring explains each trick.
+
+Convolution as a matrix product, for a chunk of m images:
+
+    cols[(c, i, j), (n, y, x)] = x_pad[n, c, y·s + i, x·s + j]       (C·kh·kw, m·Ho·Wo)
+    out[o, (n, y, x)]          = Σ_(c,i,j) W[o, (c, i, j)] · cols     (one GEMM per chunk)
+
+The loops below run over the kh·kw kernel offsets (9 for a 3×3 kernel) and over chunks of
+images, never over pixels. Why this shape (measured on the project's 2-core CPUs; numbers in
+benchmarks/README.md):
+
+* **Channel-major columns.** cols is indexed (c, i, j) × (n, y, x), so the block of one kernel
+  offset, ``cols6[:, i, j]`` of shape (C, m, Ho, Wo), is a plain copy of a window of x seen
+  channel-first. The GEMM's output comes out channel-first too and is put back in
+  (N, O, Ho, Wo) order once, with the bias added during that copy.
+* **A few images at a time** (``CHUNK_BYTES`` of cols, at most 2 MiB: 14 images of 64 channels
+  at 8×8, one image of 32 channels at 32×32). The copy that builds cols, the GEMM that reads it
+  and the GEMM's output stay in the CPU's caches, and the skinny GEMMs run close to the
+  square-matrix rate. One cols for the whole batch (75 MB for 64 images of 32×32×32) would go
+  to memory and back, and NumPy's temporaries over ~32 MB are fresh mmap'd pages that fault on
+  every call.
+* **"Same" convolutions copy long runs.** A window of an 8×8 image is 8 floats wide, so copying
+  it runs in 8-float pieces. For stride 1 with output size = input size (every 3×3, padding 1
+  convolution of the U-Net, and its transposed-convolution backward), ``_fill_by_shifts`` copies
+  each offset's block as the flattened image shifted by one number, in runs of about H·W floats,
+  and zeroes the columns that wrapped across a row edge: im2col 2–2.5× faster at 8×8 and 4×4.
+* **1×1 convolutions skip im2col.** With stride 1 and no padding they are one matrix product per
+  image, W (O, C) · x[n] (C, H·W), which a batched matmul does in the (N, C, H, W) layout itself
+  (``_pointwise``): about 2× faster than transposing to channel-major and back.
+* **No padded copy of x.** The cols buffer is zeroed once and reused for every chunk, and for
+  every later call with the same geometry (one workspace per thread, ``_cols_workspace``);
+  entries that fall in the zero padding are simply never written. Reusing it matters: a fresh
+  2 MiB buffer is fresh pages from the OS, and the page faults of writing them cost about as
+  much as the copy itself.
+* **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
+  rather than holding 9× the activations' memory until the backward pass; inference
+  (``no_grad``) keeps nothing but references.
+* **Backward.** dW = Σ_chunks dout·colsᵀ, computed as (cols·doutᵀ)ᵀ (the faster BLAS layout).
+  The input gradient of a stride-1 convolution is itself a correlation: dx = dout ⋆ W', W' the
+  kernel rotated by 180° with its in/out channels swapped, padding kh−1−p (the "transposed
+  convolution"), so it runs the same im2col + GEMM as the forward pass. A strided convolution,
+  or one with few input channels (see ``_dx_by_transposed_conv``), uses col2im instead:
+  dcols = Wᵀ·dout, and each offset's slice is added back to the pixels it came from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
+
+from ..backend import backend_of, get_xp
+from .conv import conv_output_shape, conv_output_size
+
+CHUNK_BYTES = 2 << 20  # one chunk's cols, about an L2 cache. 0.5-2 MiB ran alike on one thread; the
+#                        largest means the fewest GEMM calls (each one a sync point for multi-threaded BLAS)
+GPU_CHUNK_BYTES = 1 << 30  # on a GPU, caches don't help and every chunk is more kernel launches: one chunk
+
+
+WORKSPACE_BYTES = 64 << 20  # per thread: cols buffers kept for reuse (least recently used dropped first)
+_workspaces = threading.local()  # each thread its own buffers (backend.map_rows runs convs in parallel)
+
+
+def _chunk_bytes(x) -> int:
+    return GPU_CHUNK_BYTES if backend_of(x) == "cupy" else CHUNK_BYTES
+
+
+def _cols_workspace(xp, shape: tuple, dtype, geometry: tuple):
+    """A zero-initialised cols buffer of ``shape``, the same one for every call with the same
+    shape and ``geometry`` (input size, stride, padding) on this thread. im2col writes the same
+    entries on every such call, so the entries it never writes (padding) stay zero.
+    On CuPy a new buffer every time (its memory pool already recycles device memory)."""
+    if xp.__name__ != "numpy":
+        return xp.zeros(shape, dtype=dtype)
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = OrderedDict()
+    key = (shape, xp.dtype(dtype).str, geometry)
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    buffer = cache[key] = xp.zeros(shape, dtype=dtype)
+    while sum(b.nbytes for b in cache.values()) > WORKSPACE_BYTES and len(cache) > 1:
+        cache.popitem(last=False)
+    return buffer
+
+
+class FastConv2dCache(NamedTuple):
+    x: object  # (N, C, H, W), the input itself (not a copy): backward rebuilds cols from it
+    w: object  # (O, C, kh, kw)
+    stride: int
+    padding: int
+    has_bias: bool
+
+
+def _valid_range(offset: int, size: int, out_size: int, stride: int, padding: int) -> tuple[int, int]:
+    """Output positions [lo, hi) whose input index y·stride + offset − padding lies in [0, size);
+    for the other outputs this kernel offset sees the zero padding."""
+    lo = max(0, -((offset - padding) // stride))  # ⌈(padding − offset) / stride⌉, at least 0
+    hi = min(out_size, (size - 1 + padding - offset) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def _offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w):
+    """For each kernel offset (i, j): (i, j, output window, input window) of the positions where
+    x_pad[y·s + i, x·s + j] is a real pixel (offsets that see only padding are skipped)."""
+    for i in range(kh):
+        y0, y1 = _valid_range(i, h, ho, stride, pad_h)
+        for j in range(kw):
+            x0, x1 = _valid_range(j, wd, wo, stride, pad_w)
+            if y1 > y0 and x1 > x0:
+                r0, c0 = y0 * stride + i - pad_h, x0 * stride + j - pad_w  # first input row, column
+                in_rows = slice(r0, r0 + (y1 - y0 - 1) * stride + 1, stride)
+                in_cols = slice(c0, c0 + (x1 - x0 - 1) * stride + 1, stride)
+                yield i, j, (slice(y0, y1), slice(x0, x1)), (in_rows, in_cols)
+
+
+def _fill_by_shifts(cols6, x, pad_h: int, pad_w: int) -> None:
+    """im2col for a stride-1 convolution whose output is the input's size ("same" padding),
+    copying runs of about H·W floats instead of Wo: cols6 (C, kh, kw, m, H, W), x (m, C, H, W).
+
+    Flatten each image, pixel (y, x) at p = y·W + x. Kernel offset (i, j) reads the pixel
+    (y + dy, x + dx) with dy = i − pad_h, dx = j − pad_w, which is flat position p + s with
+    s = dy·W + dx; so its block of cols is the flattened image shifted by s, one copy per offset.
+    Where y + dy leaves the image, p + s leaves [0, H·W) and is not copied: those entries keep the
+    workspace's zeros. Where x + dx leaves the image, p + s wraps into the row above or below, so
+    those columns are zeroed after the copy.
+    """
+    c, kh, kw, m, h, wd = cols6.shape
+    hw = h * wd
+    xt = x.reshape(m, c, hw).transpose(1, 0, 2)  # (m, C, H, W) → (m, C, H·W) → (C, m, H·W), a view
+    for i in range(kh):
+        for j in range(kw):
+            dy, dx = i - pad_h, j - pad_w
+            s = dy * wd + dx
+            if abs(s) >= hw:  # the offset sees only padding
+                continue
+            block = cols6[:, i, j].reshape(c, m, hw)  # (C, m, H, W) → (C, m, H·W), a view
+            if s >= 0:
+                block[:, :, : hw - s] = xt[:, :, s:]
+            else:
+                block[:, :, -s:] = xt[:, :, : hw + s]
+            if dx < 0:
+                cols6[:, i, j, :, :, :-dx] = 0
+            elif dx > 0:
+                cols6[:, i, j, :, :, wd - dx :] = 0
+
+
+def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
+    """Yield (start, cols) for consecutive chunks of the images of x (N, C, H, W): cols
+    (C·kh·kw, m·Ho·Wo) holds the patches of images start … start+m−1 in the layout above.
+
+    One buffer serves every chunk (use each cols before asking for the next); it starts as
+    zeros, and only entries that see a real pixel are ever written.
+    """
+    xp = get_xp(x)
+    n, c, h, wd = x.shape
+    ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
+    per_image = c * kh * kw * ho * wo * x.itemsize
+    chunk = max(1, min(n, _chunk_bytes(x) // per_image))
+    same_size = stride == 1 and (ho, wo) == (h, wd)  # then _fill_by_shifts copies long runs
+    slices = [] if same_size else list(_offset_slices(kh, kw, h, wd, ho, wo, stride, pad_h, pad_w))
+    cols6 = None
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        if cols6 is None or cols6.shape[3] != m:  # the first chunk, or a shorter last one
+            cols6 = _cols_workspace(xp, (c, kh, kw, m, ho, wo), x.dtype, (h, wd, stride, pad_h, pad_w))
+        if same_size:
+            _fill_by_shifts(cols6, x[start : start + m], pad_h, pad_w)
+        else:
+            xt = x[start : start + m].transpose(1, 0, 2, 3)  # (m, C, H, W) → (C, m, H, W), a view
+            for i, j, (ys, xs), (in_rows, in_cols) in slices:
+                cols6[:, i, j, :, ys, xs] = xt[:, :, in_rows, in_cols]
+        yield start, cols6.reshape(c * kh * kw, m * ho * wo)
+
+
+def _correlate(x, w, b, stride: int, pad_h: int, pad_w: int):
+    """out[n, o, y, x] = b[o] + Σ_{c,i,j} w[o, c, i, j] · x_pad[n, c, y·s + i, x·s + j], chunk by
+    chunk.  x (N, C, H, W), w (O, C, kh, kw), b (O,) or None → out (N, O, Ho, Wo)."""
+    xp = get_xp(x, w)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
+    w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
+    out = xp.empty((n, o, ho, wo), dtype=x.dtype)
+    for start, cols in _im2col_chunks(x, kh, kw, stride, pad_h, pad_w):
+        m = cols.shape[1] // (ho * wo)
+        chunk_out = (w_mat @ cols).reshape(o, m, ho, wo).transpose(1, 0, 2, 3)  # (O, m·Ho·Wo) → (m, O, Ho, Wo)
+        if b is None:
+            out[start : start + m] = chunk_out
+        else:  # the bias is added while copying into place
+            xp.add(chunk_out, b.reshape(1, o, 1, 1), out=out[start : start + m])
+    return out
+
+
+def conv2d_forward(x, w, b=None, stride: int = 1, padding: int = 0):
+    """Cross-correlation, as PyTorch's Conv2d.
+
+    Shapes: x (N, C, H, W), w (O, C, kh, kw), b (O,) or None → out (N, O, Ho, Wo) with
+    Ho = ⌊(H + 2p − kh)/s⌋ + 1 (same for Wo).
+    out[n, o, y, x] = b[o] + Σ_{c,i,j} W[o, c, i, j] · x_pad[n, c, y·s + i, x·s + j]
+    """
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    conv_output_shape(x, w, stride, padding)  # checks the channels and the kernel's size
+    if _pointwise(kh, kw, stride, padding):
+        out = get_xp(x, w).matmul(w.reshape(o, c), x.reshape(n, c, h * wd))  # (O, C) @ (N, C, H·W) → (N, O, H·W)
+        if b is not None:
+            out += b.reshape(1, o, 1)
+        out = out.reshape(n, o, h, wd)
+    else:
+        out = _correlate(x, w, b, stride, padding, padding)
+    return out, FastConv2dCache(x, w, stride, padding, b is not None)
+
+
+def _pointwise(kh: int, kw: int, stride: int, padding: int) -> bool:
+    """A 1×1 convolution with stride 1 and no padding is a matrix product per image,
+    out[n] = W · x[n] with x[n] seen as (C, H·W): no im2col, and no transposes, since the batched
+    product reads and writes the (N, C, H, W) layout as it is."""
+    return kh == kw == 1 and stride == 1 and padding == 0
+
+
+def _dx_by_transposed_conv(c: int, o: int, kh: int, kw: int, stride: int, padding: int) -> bool:
+    """Whether dx is computed as the correlation dout ⋆ W' (else by col2im).
+
+    Only for stride 1 and padding ≤ kernel − 1 (so that padding kh−1−p is not negative), and a
+    kernel larger than 1×1 (for 1×1, col2im is a plain copy). Cost per pixel: the correlation
+    copies O·kh·kw numbers (im2col of dout); col2im writes C·kh·kw and adds them back
+    (a read-modify-write, about two copies). So: O < 2C.
+    """
+    return stride == 1 and kh * kw > 1 and padding < min(kh, kw) and o < 2 * c
+
+
+def _col2im(dcols, m: int, c: int, h: int, wd: int, kh: int, kw: int, stride: int, padding: int):
+    """The adjoint of im2col: each entry of dcols (C·kh·kw, m·Ho·Wo) is added back to the input
+    pixel it was copied from (entries that came from the zero padding are dropped).
+    Returns dx (m, C, H, W) as a view."""
+    xp = get_xp(dcols)
+    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
+    dcols6 = dcols.reshape(c, kh, kw, m, ho, wo)  # (C·kh·kw, m·Ho·Wo) → (C, kh, kw, m, Ho, Wo)
+    dxt = xp.zeros((c, m, h, wd), dtype=dcols.dtype)  # dx, channel-major like cols
+    for i, j, (ys, xs), (in_rows, in_cols) in _offset_slices(kh, kw, h, wd, ho, wo, stride, padding, padding):
+        dxt[:, :, in_rows, in_cols] += dcols6[:, i, j, :, ys, xs]  # one offset never hits a pixel twice
+    return dxt.transpose(1, 0, 2, 3)  # (C, m, H, W) → (m, C, H, W)
+
+
+def conv2d_backward(dout, cache: FastConv2dCache):
+    """dW = dout·colsᵀ,  db = Σ_{n,y,x} dout,  and dx, either as the correlation of dout with the
+    rotated, channel-swapped kernel (stride 1):
+
+        dx[n, c, y, x] = Σ_{o,i,j} W[o, c, kh−1−i, kw−1−j] · dout_pad[n, o, y + i, x + j],
+        dout_pad = dout padded by kh−1−p (kw−1−p),
+
+    or by col2im (scatter-add) of dcols = Wᵀ·dout.
+
+    Returns (dx (N, C, H, W), dw (O, C, kh, kw), db (O,) or None).
+    """
+    x, w, stride, padding, has_bias = cache
+    xp = get_xp(dout, w)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho, wo = dout.shape[2], dout.shape[3]
+    # db: Σ over n, then over (y, x); several times faster than one sum over axes (0, 2, 3)
+    db = dout.sum(axis=0).reshape(o, ho * wo).sum(axis=1) if has_bias else None  # (O, Ho, Wo) → (O, Ho·Wo) → (O,)
+    if _pointwise(kh, kw, stride, padding):
+        d3, x3 = dout.reshape(n, o, h * wd), x.reshape(n, c, h * wd)  # (N, ·, H, W) → (N, ·, H·W)
+        dx = xp.matmul(w.reshape(o, c).T, d3).reshape(x.shape)  # dx[n] = Wᵀ · dout[n]
+        dw = xp.tensordot(d3, x3, axes=([0, 2], [0, 2])).reshape(w.shape)  # Σ_n dout[n] · x[n]ᵀ
+        return dx, dw, db
+    w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
+    transposed = _dx_by_transposed_conv(c, o, kh, kw, stride, padding)
+    dw_t = xp.zeros((c * kh * kw, o), dtype=dout.dtype)  # dWᵀ, summed over the chunks
+    dx = None if transposed else xp.empty(x.shape, dtype=dout.dtype)
+    for start, cols in _im2col_chunks(x, kh, kw, stride, padding, padding):
+        m = cols.shape[1] // (ho * wo)
+        d_mat = dout[start : start + m].transpose(1, 0, 2, 3).reshape(o, -1)  # (m, O, Ho, Wo) → (O, m·Ho·Wo)
+        dw_t += cols @ d_mat.T  # (C·kh·kw, O) = (dout·colsᵀ)ᵀ
+        if not transposed:
+            dx[start : start + m] = _col2im(w_mat.T @ d_mat, m, c, h, wd, kh, kw, stride, padding)
+    if transposed:
+        w_rot = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (O, C, kh, kw) → (C, O, kh, kw), rotated 180°
+        dx = _correlate(dout, w_rot, None, 1, kh - 1 - padding, kw - 1 - padding)
+    dw = xp.ascontiguousarray(dw_t.T).reshape(w.shape)  # (O, C·kh·kw) → (O, C, kh, kw)
+    return dx, dw, db
