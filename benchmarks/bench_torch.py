@@ -208,7 +208,7 @@ def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
     from tinydiff.backend import rng
     from tinydiff.models import UNet
     from tinydiff.nn import AdamW, no_grad
-    from tinydiff.train.diffusion import DiffusionConfig, diffusion_grads
+    from tinydiff.train.diffusion import DiffusionTrainingConfig, diffusion_grads
     from tinydiff.train.latent_unet import latent_unet_config
 
     config = latent_unet_config()
@@ -217,7 +217,7 @@ def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
     data_gen = rng(0)
     latents = data_gen.standard_normal((1000, 4, 8, 8)).astype(np.float32)  # like s·μ: unit variance
     contexts = data_gen.standard_normal((1000, config.context_length, config.context_dim)).astype(np.float32)
-    diffusion = DiffusionConfig(batch_size=batch)
+    diffusion = DiffusionTrainingConfig(batch_size=batch)
     tiny_grads = diffusion_grads(unet, latents, diffusion, FixedContexts(contexts), threads=threads)
     torch_grads = torch_diffusion_grads(reference, latents, diffusion, contexts)
 

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from tinydiff.io import load_checkpoint  # noqa: E402
 from tinydiff.models.unet import UNetConfig  # noqa: E402
-from tinydiff.train.diffusion import DiffusionConfig  # noqa: E402
+from tinydiff.train.diffusion import DiffusionTrainingConfig  # noqa: E402
 from tinydiff.train.loop import checkpoint_weights  # noqa: E402
 from tinydiff.train.pixel_digits import PixelDigitModel, fast_recipe, generate_digits, train_pixel_digits  # noqa: E402
 from tinydiff.viz import image_grid, save_figure  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     arrays, header = load_checkpoint(path, kind="pixel-digits")
     model = PixelDigitModel(UNetConfig.from_dict(header["config"]["unet"]))
     model.load_state_dict(checkpoint_weights(arrays, "last", path=path))
-    diffusion = DiffusionConfig(**header["config"]["diffusion"])  # the prediction type it was trained for
+    diffusion = DiffusionTrainingConfig.from_dict(header["config"]["diffusion"])  # the prediction type it was trained for
     labels = np.repeat(np.arange(10), 8)
     images = generate_digits(model, labels, diffusion=diffusion, steps=100, sampler="ddpm", spacing="leading",
                              guidance_scale=3.0, seed=0)

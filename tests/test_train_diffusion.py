@@ -7,7 +7,7 @@ from tinydiff.io import load_checkpoint
 from tinydiff.models import UNet, UNetConfig
 from tinydiff.nn import Embedding, manual_seed
 from tinydiff.train import LoopConfig, TrainingDiverged, train_loop
-from tinydiff.train.diffusion import DiffusionConfig, LabelConditioning, diffusion_grads
+from tinydiff.train.diffusion import DiffusionTrainingConfig, LabelConditioning, diffusion_grads
 from tinydiff.train.pixel_digits import PixelDigitModel, fast_recipe, generate_digits
 
 
@@ -27,7 +27,7 @@ def make_model():
 
 
 def run(model, data, labels, loop, threads=1, **kwargs):
-    grads = diffusion_grads(model.unet, data, DiffusionConfig(batch_size=8), LabelConditioning(model.label_embedding, labels),
+    grads = diffusion_grads(model.unet, data, DiffusionTrainingConfig(batch_size=8), LabelConditioning(model.label_embedding, labels),
                             threads=threads)
     return train_loop(model, grads, loop, kind="test", **kwargs)
 
@@ -40,7 +40,7 @@ def test_threaded_step_equals_single_threaded_step(threads):
     grads = {}
     for n_threads in (1, threads):
         model = make_model().double()
-        step = diffusion_grads(model.unet, data.astype(np.float64), DiffusionConfig(batch_size=8, cond_drop_prob=0.3),
+        step = diffusion_grads(model.unet, data.astype(np.float64), DiffusionTrainingConfig(batch_size=8, cond_drop_prob=0.3),
                                LabelConditioning(model.label_embedding, labels), threads=n_threads)
         model.zero_grad()
         loss, logs = step(0, np.random.default_rng(5))
@@ -61,7 +61,7 @@ def test_a_step_after_an_interrupted_one_runs_on_new_workers_and_is_right():
     results = []
     for threads in (1, 2):
         model = make_model().double()
-        step = diffusion_grads(model.unet, data.astype(np.float64), DiffusionConfig(batch_size=8),
+        step = diffusion_grads(model.unet, data.astype(np.float64), DiffusionTrainingConfig(batch_size=8),
                                LabelConditioning(model.label_embedding, labels), threads=threads)
         if threads == 2:
             step(0, np.random.default_rng(1))  # the workers start
@@ -134,7 +134,7 @@ def test_condition_dropout_trains_the_null_context():
     model = make_model()
     manual_seed(0)
     before = model.unet.null_embedding.data.copy()
-    grads = diffusion_grads(model.unet, data, DiffusionConfig(batch_size=16, cond_drop_prob=0.5),
+    grads = diffusion_grads(model.unet, data, DiffusionTrainingConfig(batch_size=16, cond_drop_prob=0.5),
                             LabelConditioning(model.label_embedding, labels))
     model.zero_grad()
     grads(0, np.random.default_rng(1))
@@ -149,7 +149,7 @@ def test_dropout_without_null_context_is_a_clear_error():
     unet = UNet(cfg)
     data, labels = tiny_data()
     with pytest.raises(ValueError, match="learned_null_context=True"):
-        diffusion_grads(unet, data, DiffusionConfig(), LabelConditioning(Embedding(10, 8), labels))
+        diffusion_grads(unet, data, DiffusionTrainingConfig(), LabelConditioning(Embedding(10, 8), labels))
 
 
 def test_generate_digits_is_reproducible_per_sample():

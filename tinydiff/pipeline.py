@@ -21,25 +21,34 @@
    works on latents scaled to unit variance).
 5. **Convert.** [−1, 1] → uint8, 32×32 → the digits' native 28×28.
 
-A saved pipeline is one folder: ``model_index.json`` (format version, configs, sampler
-defaults, and the sha256 of every other file, checked on load), ``tokenizer.json``,
-``text_encoder.npz``, ``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle), and
-optionally ``image_encoder.npz``: CLIP's image tower, not needed to sample, kept so that
-``tinydiff eval`` can measure CLIP's zero-shot accuracy.
+A saved pipeline is one folder: ``model_index.json`` (format version, the diffusion settings,
+sampler defaults, and the sha256 of every other file), ``tokenizer.json``, ``text_encoder.npz``,
+``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle), and optionally
+``image_encoder.npz``: CLIP's image tower, not needed to sample, kept so that ``tinydiff eval``
+can measure CLIP's zero-shot accuracy.
+
+Loading trusts nothing the manifest does not vouch for. The files loaded are a fixed set of
+names (``COMPONENT_FILES``, and ``OPTIONAL_FILES`` when listed); the manifest must list every
+one of them under exactly that name with the sha256 of its bytes, and nothing else. Anything
+else — a file missing from the list, an unknown entry, a path of another name, a key of the
+wrong type in any section, JSON that does not parse — makes ``from_pretrained`` refuse the
+folder with one CheckpointError ("tampered or damaged model folder").
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from .backend import backend_of, map_rows, to_numpy
+from .config import ConfigError, ConfigMixin
 from .data.mnist import from_model_range
-from .diffusion import Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
+from .diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
 from .diffusion.samplers import SAMPLERS
 from .diffusion.schedules import SPACINGS
 from .io import CheckpointError, atomic_write, load_checkpoint, load_json, save_checkpoint, sha256_file
@@ -48,8 +57,8 @@ from .models.clip import ImageEncoder, ImageEncoderConfig, TextEncoder, TextEnco
 from .models.unet import UNet, UNetConfig
 from .nn import Module, no_grad, to_state_arrays
 from .text.tokenizer import Tokenizer
-from .train.diffusion import DiffusionConfig
 
+MANIFEST_FORMAT = "tinydiff-pipeline"  # the "format" of model_index.json
 PIPELINE_FORMAT = 1
 COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.npz", "unet": "unet.npz",
                    "vae": "vae.npz"}
@@ -66,16 +75,25 @@ def pretrained_path() -> Path:
 
 
 @dataclass
-class SamplingDefaults:
+class SamplingDefaults(ConfigMixin):
     sampler: str = "dpmpp_2m"  # DPM-Solver++ 2M (Lu et al. 2022)
     sigma_schedule: str = "karras"  # Karras et al. 2022 ρ = 7 spacing of σ
     steps: int = 20  # denoising steps (network evaluations, for 2M)
     guidance_scale: float = 2.0  # classifier-free guidance weight w (chosen by tinydiff eval: README model card)
     sigma_max: float | None = 14.6  # start of sampling (SD's σ_max); None: the training schedule's (157)
 
+    def __post_init__(self):
+        _check_options(["defaults"], self.steps, self.sampler, self.sigma_schedule, self.guidance_scale)
+        if self.sigma_max is not None and not self.sigma_max > 0:
+            raise ValueError(f"sigma_max must be positive (or None), got {self.sigma_max}")
+
 
 class TextToImagePipeline:
-    """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with."""
+    """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with.
+
+    ``diffusion`` may be a training config (``DiffusionTrainingConfig``): the pipeline keeps only
+    its ``DiffusionConfig`` part, the settings sampling needs.
+    """
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
                  diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None,
@@ -83,7 +101,7 @@ class TextToImagePipeline:
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.image_encoder = image_encoder
         self.threads: int | None = None  # CPU threads for the U-Net's rows (None: one per core)
-        self.diffusion = diffusion
+        self.diffusion = diffusion.sampling_config()
         self.defaults = defaults or SamplingDefaults()
         self.schedule = diffusion.make_schedule()
         for module in self._modules():
@@ -106,10 +124,12 @@ class TextToImagePipeline:
     def encode_prompt(self, prompts: list[str], *, strict: bool = True):
         """Prompts → the text encoder's hidden states (B, L, D), on the model's backend.
 
-        With ``strict``, an empty prompt or one with words outside the vocabulary raises
-        PromptError naming them (the model has never seen those words: they would silently
-        become <unk>).
+        With ``strict``, an empty prompt, one too long to fit (truncation would drop its end) or
+        one with words outside the vocabulary raises PromptError naming them (the model has never
+        seen those words: they would silently become <unk>).
         """
+        if strict and (too_long := self.tokenizer.length_problem(prompts)):
+            raise PromptError(too_long)
         tokens = self.tokenizer.encode(prompts)
         if strict:
             unknown = sorted({w for words in tokens.unknown_words for w in words})
@@ -186,13 +206,12 @@ class TextToImagePipeline:
         for name in files:
             if name != "tokenizer":
                 module: Module = getattr(self, name)
-                config = module.config.to_dict() if hasattr(module.config, "to_dict") else asdict(module.config)
-                save_checkpoint(path / files[name], to_state_arrays(module), kind=name, config=config)
+                save_checkpoint(path / files[name], to_state_arrays(module), kind=name, config=module.config.to_dict())
         manifest = {
-            "format": "tinydiff-pipeline",
+            "format": MANIFEST_FORMAT,
             "format_version": PIPELINE_FORMAT,
             "diffusion": self.diffusion.to_dict(),
-            "sampling_defaults": vars(self.defaults),
+            "sampling_defaults": self.defaults.to_dict(),
             "files": {name: {"path": f, "sha256": sha256_file(path / f)} for name, f in files.items()},
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
@@ -200,40 +219,102 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path=None, *, backend: str | None = None) -> "TextToImagePipeline":
-        """Load a pipeline folder (default: the shipped weights), verifying every file's sha256."""
+        """Load a pipeline folder (default: the shipped weights), verifying every file it loads.
+
+        Raises CheckpointError (one line) for a folder that is not a pipeline, a manifest of
+        another version, and anything the manifest does not vouch for (``read_manifest``).
+        """
         path = Path(path) if path is not None else pretrained_path()
         index = path / "model_index.json"
         if not index.is_file():
             raise CheckpointError(f"{path} is not a tinydiff pipeline folder (no model_index.json)")
-        manifest = load_json(index)
-        if manifest.get("format") != "tinydiff-pipeline" or manifest.get("format_version") != PIPELINE_FORMAT:
-            raise CheckpointError(f"{index} is not a tinydiff pipeline manifest of version {PIPELINE_FORMAT}")
-        for name, entry in manifest["files"].items():
-            file = path / entry["path"]
-            if not file.is_file():
-                raise CheckpointError(f"{file} is missing from the pipeline folder")
-            if sha256_file(file) != entry["sha256"]:
-                raise CheckpointError(f"{file} does not match its sha256 in model_index.json: "
-                                      "the file was changed or damaged; restore it or retrain")
-        tokenizer = Tokenizer.from_dict(load_json(path / COMPONENT_FILES["tokenizer"]))
-        text_encoder = _load_module(path / COMPONENT_FILES["text_encoder"], "text_encoder",
-                                    lambda c: TextEncoder(TextEncoderConfig(**c)))
-        unet = _load_module(path / COMPONENT_FILES["unet"], "unet", lambda c: UNet(UNetConfig.from_dict(c)))
-        vae = _load_module(path / COMPONENT_FILES["vae"], "vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
+        diffusion, defaults, files = read_manifest(path)
+
+        def load(name: str, build) -> Module:
+            """The checkpoint of component ``name``, its network built from the config it records."""
+            arrays, header = load_checkpoint(path / files[name], kind=name)
+            try:
+                module = build(header["config"])
+                module.load_state_dict(arrays)
+            except (ConfigError, ValueError, KeyError) as err:  # the sha256 matched: written by another tinydiff?
+                raise _damaged(path, f"{files[name]} does not hold a {name} this tinydiff can build ({err})") from None
+            return module
+
+        try:
+            tokenizer = Tokenizer.from_dict(load_json(path / files["tokenizer"]))
+        except ValueError as err:
+            raise _damaged(path, f"{files['tokenizer']} is not a tokenizer ({err})") from None
+        text_encoder = load("text_encoder", lambda c: TextEncoder(TextEncoderConfig.from_dict(c)))
+        unet = load("unet", lambda c: UNet(UNetConfig.from_dict(c)))
+        vae = load("vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
         image_encoder = None
-        if "image_encoder" in manifest["files"]:
-            image_encoder = _load_module(path / OPTIONAL_FILES["image_encoder"], "image_encoder",
-                                         lambda c: ImageEncoder(ImageEncoderConfig(**c)))
-        pipe = cls(tokenizer, text_encoder, unet, vae, DiffusionConfig(**manifest["diffusion"]),
-                   SamplingDefaults(**manifest["sampling_defaults"]), image_encoder=image_encoder)
+        if "image_encoder" in files:
+            image_encoder = load("image_encoder", lambda c: ImageEncoder(ImageEncoderConfig.from_dict(c)))
+        pipe = cls(tokenizer, text_encoder, unet, vae, diffusion, defaults, image_encoder=image_encoder)
         return pipe.to(backend) if backend else pipe
 
 
-def _load_module(file: Path, kind: str, build) -> Module:
-    arrays, header = load_checkpoint(file, kind=kind)
-    module = build(header["config"])
-    module.load_state_dict(arrays)
-    return module
+def _damaged(folder: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{folder} is a tampered or damaged model folder: {problem}; "
+                           "restore the folder from where it came from, or retrain")
+
+
+def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict[str, str]]:
+    """Check ``folder/model_index.json`` and the files it lists: (diffusion, defaults, {component: file}).
+
+    The manifest must be a JSON object with exactly the keys "format", "format_version",
+    "diffusion", "sampling_defaults" and "files". "files" maps every name of COMPONENT_FILES
+    (and, optionally, of OPTIONAL_FILES) to {"path": its fixed file name, "sha256": 64 hex
+    digits} and names nothing else; each file's bytes must hash to its sha256. The two config
+    sections must be complete configs of the right types. Any deviation is a CheckpointError
+    saying the folder was tampered with or damaged; a manifest of another format version says so.
+    """
+    index = folder / "model_index.json"
+    try:
+        manifest = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(folder, f"model_index.json is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise _damaged(folder, "model_index.json is not a JSON object")
+    expected_keys = {"format", "format_version", "diffusion", "sampling_defaults", "files"}
+    if set(manifest) != expected_keys:
+        problems = [f"missing {k!r}" for k in sorted(expected_keys - set(manifest))]
+        problems += [f"unknown {k!r}" for k in sorted(set(manifest) - expected_keys)]
+        raise _damaged(folder, f"model_index.json has the wrong sections ({', '.join(problems)})")
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise _damaged(folder, f"model_index.json is not a {MANIFEST_FORMAT} manifest")
+    if manifest["format_version"] != PIPELINE_FORMAT:
+        raise CheckpointError(f"{index} has pipeline format version {manifest['format_version']!r}; "
+                              f"this tinydiff reads version {PIPELINE_FORMAT}")
+    try:
+        diffusion = DiffusionConfig.from_dict(manifest["diffusion"])
+        defaults = SamplingDefaults.from_dict(manifest["sampling_defaults"])
+    except ValueError as err:  # ConfigError, or a value the config refuses
+        raise _damaged(folder, f"model_index.json has a bad config section ({err})") from None
+
+    listed = manifest["files"]
+    if not isinstance(listed, dict):
+        raise _damaged(folder, '"files" in model_index.json is not a JSON object')
+    known = {**COMPONENT_FILES, **OPTIONAL_FILES}
+    unknown = sorted(set(listed) - set(known))
+    missing = sorted(set(COMPONENT_FILES) - set(listed))
+    if unknown or missing:
+        problems = [f"{n!r} is not listed" for n in missing] + [f"unknown entry {n!r}" for n in unknown]
+        raise _damaged(folder, f"model_index.json lists the wrong files ({', '.join(problems)})")
+    files = {}
+    for name, entry in listed.items():
+        if not (isinstance(entry, dict) and set(entry) == {"path", "sha256"}
+                and isinstance(entry["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise _damaged(folder, f'the entry {name!r} of model_index.json is not {{"path": ..., "sha256": ...}}')
+        if entry["path"] != known[name]:  # also refuses paths that leave the folder
+            raise _damaged(folder, f"the {name} file must be {known[name]!r}, model_index.json says {entry['path']!r}")
+        file = folder / known[name]
+        if not file.is_file():
+            raise _damaged(folder, f"{known[name]} is missing")
+        if sha256_file(file) != entry["sha256"]:
+            raise _damaged(folder, f"{known[name]} does not match its sha256 in model_index.json")
+        files[name] = known[name]
+    return diffusion, defaults, files
 
 
 def _check_options(prompts, steps, sampler, sigma_schedule, guidance_scale) -> None:

@@ -3,6 +3,7 @@
     schedules   β/ᾱ/σ of a training schedule, σ ↔ t, the σ sequences samplers walk down
     noise       forward process q(x_t | x0), posterior, ε/v/x0 conversions, loss weights, seeds
     denoiser    network → D(x, σ) ≈ E[x0 | x]: VP↔VE preconditioning and classifier-free guidance
+    config      DiffusionConfig: schedule, T and prediction type, recorded with a trained model
     samplers    Euler, Heun, DPM-Solver++ 2M, DDIM, DDPM, Euler ancestral, LCM: D → sample
 
 A sampling loop in four lines:
@@ -14,6 +15,7 @@ A sampling loop in four lines:
     x0 = get_sampler("dpmpp_2m")(denoiser, randn_per_sample(gens, shape) * sigmas[0], sigmas, rng=gens)
 """
 
+from .config import DiffusionConfig
 from .denoiser import Denoiser, rescale_guidance
 from .noise import (
     LOSS_WEIGHTINGS,
@@ -64,6 +66,7 @@ __all__ = [
     "SCHEDULES",
     "SPACINGS",
     "Denoiser",
+    "DiffusionConfig",
     "NoiseSchedule",
     "alphas_cumprod_at",
     "ancestral_step",

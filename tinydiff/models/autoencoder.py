@@ -53,12 +53,12 @@ and 1/std(μ) differ by under 1% here).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..backend import backend_of, get_xp, to_device
+from ..config import ConfigMixin
 from ..nn import (
     Conv2d, GroupNorm, Module, ModuleList, SiLU, gaussian_kl, is_grad_enabled, manual_seed, mse_loss, no_grad,
 )
@@ -71,7 +71,7 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # LDM's clamp on log σ²: σ between e^�
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(ConfigMixin):
     """Everything that decides the network and its latent space; saved as JSON beside the weights."""
 
     in_channels: int = 1  # image channels: 1 for grey MNIST digits
@@ -111,26 +111,6 @@ class AutoencoderConfig:
         """(latent_channels, h, w) of a training image's latent: (4, 8, 8) by default."""
         side = self.sample_size // self.factor
         return (self.latent_channels, side, side)
-
-    def to_dict(self) -> dict:
-        """Plain JSON types (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        """Inverse of ``to_dict``; unknown keys are an error (a config from another model?)."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown AutoencoderConfig keys: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "AutoencoderConfig":
-        return cls.from_dict(json.loads(text))
 
 
 # --------------------------------------------------------------------------- the Gaussian posterior

@@ -20,17 +20,17 @@ adjoint spreads dp/(H·W) over every pixel of the last map), then the convolutio
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import backend_of, get_xp, to_device, to_numpy
+from ..config import ConfigMixin
 from ..nn import Conv2d, GroupNorm, Linear, Module, Sequential, SiLU, manual_seed, no_grad
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(ConfigMixin):
     """Everything that decides the network's shape; saved as JSON beside the weights."""
 
     in_channels: int = 1  # MNIST is grey
@@ -45,26 +45,6 @@ class ClassifierConfig:
         if not self.channels or bad:
             raise ValueError(f"invalid ClassifierConfig: channels {self.channels} must be non-empty and "
                              f"divisible into {self.groups} groups")
-
-    def to_dict(self) -> dict:
-        """Plain JSON types (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ClassifierConfig":
-        """Inverse of ``to_dict``; unknown keys are an error (a config from another model?)."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig keys: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ClassifierConfig":
-        return cls.from_dict(json.loads(text))
 
 
 class DigitClassifier(Module):

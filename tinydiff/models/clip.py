@@ -30,13 +30,13 @@ initialised to log(1/0.07) ≈ 2.66, i.e. temperature 0.07). Every backward pass
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..backend import DEFAULT_DTYPE, backend_of, get_xp, to_device, to_numpy
+from ..config import ConfigMixin
 from ..nn import (
     GELU, Attention, Conv2d, Embedding, GroupNorm, LayerNorm, Linear, Module, ModuleList, Parameter,
     Sequential, SiLU, info_nce_loss, no_grad,
@@ -51,7 +51,7 @@ CAPTION_VOCAB_SIZE = Tokenizer.from_captions().vocab_size  # ids of the caption 
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(ConfigMixin):
     vocab_size: int = CAPTION_VOCAB_SIZE  # rows of the token embedding: Tokenizer.vocab_size
     max_length: int = DEFAULT_MAX_LENGTH  # learned positions: Tokenizer.max_length (16)
     width: int = 64  # D: residual stream, hidden states, the U-Net's context_dim
@@ -66,49 +66,31 @@ class TextEncoderConfig:
 
 
 @dataclass
-class ImageEncoderConfig:
+class ImageEncoderConfig(ConfigMixin):
     in_channels: int = 1  # MNIST is grey
-    channels: tuple = (16, 32, 64, 64)  # feature maps at 32², 16², 8², 4²: one stride-2 conv per step
+    channels: tuple[int, ...] = (16, 32, 64, 64)  # feature maps at 32², 16², 8², 4²: one stride-2 conv per step
     groups: int = 8  # GroupNorm groups (must divide every entry of ``channels``)
     projection_dim: int = 64  # E: must equal the text encoder's
 
     def __post_init__(self):
-        self.channels = tuple(self.channels)  # JSON gives a list
+        self.channels = tuple(int(c) for c in self.channels)  # a list is accepted too
         bad = [c for c in self.channels if c % self.groups]
         if bad:
             raise ValueError(f"image channels {bad} are not divisible into {self.groups} groups")
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(ConfigMixin):
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     log_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 
     def __post_init__(self):
-        if isinstance(self.text, dict):
-            self.text = TextEncoderConfig(**self.text)
-        if isinstance(self.image, dict):
-            self.image = ImageEncoderConfig(**self.image)
         if self.text.projection_dim != self.image.projection_dim:
             raise ValueError(
                 f"text and image projection_dim differ ({self.text.projection_dim} vs "
                 f"{self.image.projection_dim}): both must map into the same space"
             )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "CLIPConfig":
-        return cls(**config)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "CLIPConfig":
-        return cls.from_dict(json.loads(text))
 
 
 # --------------------------------------------------------------------------- text encoder

@@ -39,9 +39,10 @@ Attribute names follow diffusers' UNet2DConditionModel (``down_blocks.1.resnets.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from ..backend import DEFAULT_DTYPE, get_xp, to_device
+from ..config import ConfigMixin
 from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU, manual_seed
 from ..nn.module import init_generator
 from .blocks import Downsample2D, ResBlock, SpatialTransformer, TransformerBlock, Upsample2D, add_grads
@@ -49,7 +50,7 @@ from .embeddings import TimestepEmbedding, timestep_embedding
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigMixin):
     """Everything that decides the network's shape; saved as JSON beside the weights.
 
     The defaults are the unconditional 32×32 pixel model. A text-conditional model on 4×8×8
@@ -92,19 +93,6 @@ class UNetConfig:
             problems.append("learned_null_context needs context_dim and a positive context_length")
         if problems:
             raise ValueError("invalid UNetConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        """Plain JSON types (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Inverse of ``to_dict``; unknown keys are an error (a config from another model?)."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-        return cls(**d)
 
 
 class _ResAttnBlock(Module):

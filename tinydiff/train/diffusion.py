@@ -28,33 +28,30 @@ its share of the rows, and the result equals the one-core step up to float round
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import backend_of, get_xp, row_blocks, to_device
+from ..diffusion.config import DiffusionConfig
 from ..diffusion.noise import alphas_cumprod_at, check_prediction_type, loss_weights, prediction_target, q_sample
-from ..diffusion.schedules import NoiseSchedule, make_schedule
 from ..models.unet import UNet
 from ..nn import Embedding, mse_loss
 from .parallel import GradientWorkers
 
 
 @dataclass
-class DiffusionConfig:
-    schedule: str = "linear"  # β schedule name (schedules.SCHEDULES); linear keeps σ_max ≈ 157 (see REFERENCES.md)
-    num_timesteps: int = 1000  # T, the number of discrete training timesteps
-    prediction_type: str = "epsilon"  # what the network predicts: epsilon, v or sample (x0)
+class DiffusionTrainingConfig(DiffusionConfig):
+    """The noise process (``DiffusionConfig``: schedule, T, prediction type) and how to train on it.
+
+    Only the inherited fields are saved with a finished pipeline (``sampling_config()``); the
+    training ones below are recorded in training checkpoints.
+    """
+
     loss_weighting: str = "plain"  # plain (DDPM eq. 14) or min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # γ of min-SNR weighting
     cond_drop_prob: float = 0.1  # probability of training a sample on the null context (for CFG)
     batch_size: int = 64  # images per step
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def make_schedule(self) -> NoiseSchedule:
-        return make_schedule(self.schedule, self.num_timesteps)
 
 
 class LabelConditioning:
@@ -80,7 +77,7 @@ def block_grads(unet: UNet, x_t, t, target, weights, context, mask, share: float
     return loss * share, dcontext
 
 
-def diffusion_grads(unet: UNet, data, config: DiffusionConfig, conditioning=None, *, threads: int = 1):
+def diffusion_grads(unet: UNet, data, config: DiffusionTrainingConfig, conditioning=None, *, threads: int = 1):
     """The ``compute_grads(step, generator)`` for ``train_loop``: one step of Algorithm 1.
 
     ``data`` is the whole training set x0 (N, C, H, W) on the model's device (float32, pixels in

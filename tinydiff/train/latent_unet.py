@@ -21,7 +21,7 @@ from ..models.unet import UNet, UNetConfig
 from ..nn import no_grad
 from ..text.captions import sample_captions
 from ..text.tokenizer import Tokenizer
-from .diffusion import DiffusionConfig, diffusion_grads
+from .diffusion import DiffusionTrainingConfig, diffusion_grads
 from .loop import LoopConfig, train_loop
 
 CHECKPOINT_KIND = "latent-unet-train"
@@ -67,11 +67,11 @@ class CaptionConditioning:
 
 
 def train_latent_unet(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, train_data,
-                      loop: LoopConfig, diffusion: DiffusionConfig | None = None, *, checkpoint_path=None,
+                      loop: LoopConfig, diffusion: DiffusionTrainingConfig | None = None, *, checkpoint_path=None,
                       resume: bool = False, callback=None, stop_at: int | None = None, threads: int = 1) -> dict:
     """Train ``unet`` on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts;
     ``threads`` CPU cores share each batch (``diffusion_grads``: this process and worker processes)."""
-    diffusion = diffusion or DiffusionConfig()
+    diffusion = diffusion or DiffusionTrainingConfig()
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
     conditioning = CaptionConditioning(text_encoder, tokenizer, train_data.labels, train_data.attributes)
     grads = diffusion_grads(unet, latents, diffusion, conditioning, threads=threads)

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data.mnist import load_mnist, to_model_range, train_test_split
-from ..diffusion import Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
+from ..diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
 from ..backend import backend_of, to_device
 from ..models.unet import UNet, UNetConfig
 from ..nn import Embedding, Module, no_grad
-from .diffusion import DiffusionConfig, LabelConditioning, diffusion_grads
+from .diffusion import DiffusionTrainingConfig, LabelConditioning, diffusion_grads
 from .loop import LoopConfig, train_loop
 
 NUM_CLASSES = 10
@@ -47,7 +47,7 @@ def pixel_unet_config() -> UNetConfig:
     )
 
 
-def fast_recipe() -> tuple[UNetConfig, LoopConfig, DiffusionConfig]:
+def fast_recipe() -> tuple[UNetConfig, LoopConfig, DiffusionTrainingConfig]:
     """The recipe that draws recognisable digits after about six minutes on one CPU core.
 
     Returns (U-Net config, loop, diffusion) for ``PixelDigitModel`` and ``train_pixel_digits``.
@@ -70,7 +70,7 @@ def fast_recipe() -> tuple[UNetConfig, LoopConfig, DiffusionConfig]:
     """
     unet = replace(pixel_unet_config(), block_channels=(8, 32, 64), groups=4)  # groups must divide 8
     loop = LoopConfig(total_steps=1200, lr=2e-3, warmup_steps=50, ema_decay=None, checkpoint_every=200)
-    diffusion = DiffusionConfig(batch_size=16, loss_weighting="min_snr", min_snr_gamma=5.0)
+    diffusion = DiffusionTrainingConfig(batch_size=16, loss_weighting="min_snr", min_snr_gamma=5.0)
     return unet, loop, diffusion
 
 
@@ -93,11 +93,11 @@ def load_training_digits(backend: str | None = None):
     return to_device(to_model_range(images[train_idx]), backend), labels[train_idx]
 
 
-def train_pixel_digits(model: PixelDigitModel, loop: LoopConfig, diffusion: DiffusionConfig | None = None, *,
+def train_pixel_digits(model: PixelDigitModel, loop: LoopConfig, diffusion: DiffusionTrainingConfig | None = None, *,
                        checkpoint_path: str | Path | None = None, resume: bool = False, callback=None,
                        stop_at: int | None = None) -> dict:
     """Train ``model`` on the bundled digits; returns train_loop's result (history, EMA, optimizer)."""
-    diffusion = diffusion or DiffusionConfig()
+    diffusion = diffusion or DiffusionTrainingConfig()
     data, labels = load_training_digits(backend_of(model.unet.conv_in.weight.data))
     grads = diffusion_grads(model.unet, data, diffusion, LabelConditioning(model.label_embedding, labels))
     return train_loop(model, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind="pixel-digits",

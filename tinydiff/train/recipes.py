@@ -9,6 +9,10 @@ Three stages, in order, each checkpointed so an interrupted run resumes where it
 then the EMA weights of the three are assembled into a ``TextToImagePipeline`` saved in
 ``OUT/model``, with a loss plot per stage and a grid of samples.
 
+A run may train only some stages (``stages=("clip", "vae")``): the U-Net stage needs the
+checkpoints of the two before it, and the pipeline is assembled only once all three
+checkpoints exist; until then ``train_mnist_captions`` returns None.
+
 Folder layout::
 
     OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
@@ -22,20 +26,22 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..backend import blas_threads, cpu_count
+from ..config import ConfigMixin
 from ..io import load_checkpoint, load_json, save_json
 from ..models.unet import UNet
+from ..pipeline import TextToImagePipeline
 from .autoencoder import default_loop as vae_default_loop
 from .autoencoder import load_autoencoder, train_autoencoder
 from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
 from .clip import default_loop as clip_default_loop
-from .diffusion import DiffusionConfig
+from .diffusion import DiffusionTrainingConfig
 from .latent_unet import latent_unet_config, train_latent_unet
 from .loop import LoopConfig, checkpoint_weights
 
@@ -43,7 +49,7 @@ STAGES = ("clip", "vae", "unet")
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(ConfigMixin):
     clip_steps: int = 1200  # contrastive steps at batch 128
     vae_steps: int = 600  # autoencoder steps at batch 32
     unet_steps: int = 6000  # latent U-Net steps
@@ -77,13 +83,13 @@ def _subset(data: CaptionedDigits, n: int | None) -> CaptionedDigits:
 
 def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config: RecipeConfig | None = None,
                          callback: Callable[[dict], None] | None = None):
-    """Run the recipe; returns the trained ``TextToImagePipeline`` (also saved in OUT/model).
+    """Run the recipe's ``stages``; returns the trained ``TextToImagePipeline`` (also saved in
+    OUT/model), or None when a stage's checkpoint is still missing (no pipeline is written then;
+    recipe.json's "pipeline" says which stages are missing).
 
     ``callback`` receives every training step's dict with "stage" added, plus
     {"stage", "event": "start" | "end", "total_steps", "seconds"} around each stage.
     """
-    from ..pipeline import TextToImagePipeline  # the pipeline imports the training configs
-
     config = config or RecipeConfig()
     out = Path(out_dir)
     unknown = [s for s in stages if s not in STAGES]
@@ -98,7 +104,7 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
                               "pass --resume to continue it, or choose another --out")
     record_path = out / "recipe.json"
     record = load_json(record_path) if resume and record_path.exists() else {}
-    record["config"] = asdict(config)
+    record["config"] = config.to_dict()
     record.setdefault("seconds", {})
     emit = callback or (lambda event: None)
     train, _ = load_captioned_mnist(seed=0)
@@ -126,8 +132,6 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
             return result
 
         run_stage("clip", config.clip_steps, fit_clip)
-    clip, tokenizer = _require(load_clip, paths["clip"], "clip")
-    text_encoder = clip.text
 
     # -- stage 2: the autoencoder -----------------------------------------------------------------
     if "vae" in stages:
@@ -138,10 +142,18 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
             return result
 
         run_stage("vae", config.vae_steps, fit_vae)
-    vae = _require(load_autoencoder, paths["vae"], "vae")
 
-    # -- stage 3: the latent U-Net ----------------------------------------------------------------
-    diffusion = DiffusionConfig(schedule=config.schedule, batch_size=config.unet_batch_size)
+    missing = [s for s in STAGES if not paths[s].exists()]
+    if "unet" not in stages and missing:  # e.g. --stages clip,vae on a fresh folder: the U-Net comes later
+        record["pipeline"] = f"not written: no checkpoint of the {', '.join(missing)} stage(s) yet"
+        save_json(record_path, record)
+        return None
+
+    # -- stage 3: the latent U-Net (on the frozen text encoder and autoencoder) --------------------
+    clip, tokenizer = _require(load_clip, paths["clip"], "clip")
+    text_encoder = clip.text
+    vae = _require(load_autoencoder, paths["vae"], "vae")
+    diffusion = DiffusionTrainingConfig(schedule=config.schedule, batch_size=config.unet_batch_size)
     unet = UNet(latent_unet_config(text_encoder.config.width, tokenizer.max_length), seed=config.seed)
     if "unet" in stages:
         unet_loop = LoopConfig(total_steps=config.unet_steps, lr=config.unet_lr, warmup_steps=200, ema_decay=0.999,
@@ -156,14 +168,14 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
             return result
 
         run_stage("unet", config.unet_steps, fit_unet)
-    elif not paths["unet"].exists():
-        raise RecipeError(f"{paths['unet']} is missing: include the unet stage (--stages clip,vae,unet)")
     else:
         unet.load_state_dict(checkpoint_weights(load_checkpoint(paths["unet"])[0], "ema", path=paths["unet"]))
 
     # -- assemble, save, and look --------------------------------------------------------------
-    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion, image_encoder=clip.image)
+    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(), image_encoder=clip.image)
     pipe.save_pretrained(out / "model")
+    record["pipeline"] = str(out / "model")
+    save_json(record_path, record)
     _sample_grid(pipe, out / "samples.png", per_digit=2 if config.train_subset else 8)
     return pipe
 
