@@ -1,5 +1,7 @@
 """Gradient worker processes (train/parallel.py): shared weights, summed gradients, clear failures."""
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -94,6 +96,21 @@ def test_a_worker_that_died_gives_an_error_not_a_hang(data):
         workers.run(linear_step, blocks_of(x, dout, (0, 4, 7)))
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals to stop and kill the worker")
+def test_a_worker_that_died_with_a_message_unread_gives_a_worker_error(data):
+    """A worker that dies with a message of ours unread resets the pipe (ConnectionResetError on
+    Linux): that is the same clear WorkerError as any other worker death."""
+    x, dout = data
+    workers = GradientWorkers(make_linear(), 1)
+    process = workers._processes[0]
+    os.kill(process.pid, signal.SIGSTOP)  # it cannot read what comes next
+    workers._conns[0].send("never read")
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    with pytest.raises(WorkerError, match="stopped"):
+        workers.run(linear_step, blocks_of(x, dout, (0, 4, 7)))
+
+
 def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path):
     """Spawned workers import the script; unguarded, each would start workers again. The worker
     dies while starting, and the script must stop with the advice, not hang."""
@@ -108,3 +125,40 @@ def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1]
+
+
+def test_a_worker_whose_main_process_went_with_a_reply_unread_ends_quietly(data, capfd):
+    """A main process killed between steps leaves the worker's last reply unread; the worker's next
+    read then fails (ConnectionResetError on Linux, EOFError elsewhere). It must end with exit
+    code 0 and no traceback on the terminal, below the main process's own message."""
+    x, dout = data
+    workers = GradientWorkers(make_linear(), 1)
+    conn, process = workers._conns[0], workers._processes[0]
+    conn.send((linear_step, (x, dout)))
+    assert conn.poll(60)  # the reply has arrived and stays unread
+    conn.close()  # what the end of the main process does to its end of the pipe
+    process.join(60)
+    workers.close()
+    assert process.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C is not a signal sent to a process there")
+def test_ctrl_c_is_left_to_the_main_process(data, capfd):
+    """Ctrl-C in a terminal sends SIGINT to every process of the job. The workers ignore it (the main
+    process stops them): no KeyboardInterrupt traceback from a worker, and steps still run."""
+    x, dout = data
+    workers = GradientWorkers(make_linear(), 1)
+    try:
+        os.kill(workers._processes[0].pid, signal.SIGINT)
+        model = workers.model
+        for _ in range(2):
+            model.zero_grad()
+            parts = workers.run(linear_step, blocks_of(x, dout, (0, 4, 7)))
+            out, dw, _ = reference_grads(x, dout)
+            assert sum(parts) == pytest.approx(out, rel=1e-12)
+            np.testing.assert_allclose(model.weight.grad, dw, rtol=1e-12)
+    finally:
+        workers.close()
+    assert workers._processes[0].exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err

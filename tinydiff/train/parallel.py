@@ -32,6 +32,7 @@ import ctypes
 import multiprocessing
 import multiprocessing.connection
 import pickle
+import signal
 import traceback
 import weakref
 
@@ -63,9 +64,24 @@ def _views(block, layout) -> list[np.ndarray]:
 
 
 def _serve(conn, weights, grads, layout) -> None:
-    """A worker's life: say it has started, receive the pickled replica, point its weights and
-    gradients at shared memory, then run each (step function, arguments) that arrives until the
-    pipe closes."""
+    """A worker process's life: ``_serve_steps`` until the main process stops it or is gone.
+
+    The main process alone decides when workers stop. Ctrl-C in a terminal interrupts every
+    process of the job, so a worker ignores it: the main process gets the KeyboardInterrupt and
+    stops its workers (``GradientWorkers.run``). A main process that has gone (killed, or
+    stopped without a word) shows up as the end of the pipe: EOFError, ConnectionResetError when
+    it went with a reply of ours unread, BrokenPipeError on a send. The worker then ends quietly:
+    there is no one left to tell, and a traceback would only bury the main process's message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve_steps(conn, weights, grads, layout)
+    except (EOFError, ConnectionError):  # ConnectionError: ConnectionResetError, BrokenPipeError, …
+        return
+
+
+def _serve_steps(conn, weights, grads, layout) -> None:
+    """Say it has started, receive the pickled replica, point its weights and gradients at shared
+    memory, then run each (step function, arguments) that arrives until told to stop (None)."""
     conn.send((True, "started"))
     try:
         replica = pickle.loads(conn.recv_bytes())
@@ -77,11 +93,8 @@ def _serve(conn, weights, grads, layout) -> None:
     conn.send((True, "ready"))
     with blas_threads(1):  # the cores are shared out by processes, not by BLAS
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:  # the main process has gone
-                return
-            if message is None:
+            message = conn.recv()
+            if message is None:  # the main process stops this worker
                 return
             step, args = message
             try:
@@ -169,7 +182,7 @@ class GradientWorkers:
             if conn not in multiprocessing.connection.wait([conn, process.sentinel]):
                 raise EOFError
             ok, value = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionError):  # ConnectionResetError: it died with a message of ours unread
             process.join(timeout=5)
             raise WorkerError(
                 f"gradient worker {k + 1} stopped (exit code {process.exitcode}). If this runs from "
