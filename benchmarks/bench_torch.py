@@ -28,9 +28,10 @@ max|a − b|/max|b|) and stops with an error if any differs by more than 1e-3.
 Timing: one warm-up call each, then ``--repeats`` rounds alternating tinydiff and PyTorch (so a
 machine that gets busier slows both alike); the median is reported. The ratio is tinydiff /
 PyTorch (above 1: tinydiff is slower). FLOPs are those of the matrix products, counted on the
-tinydiff pass by ``bench_unet.count_flops`` (a training step: 3 × the forward's), and the same
-count is used for both. Each thread count runs in its own subprocess with
-OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = MKL_NUM_THREADS = T and ``torch.set_num_threads(T)``,
+tinydiff pass by ``tinydiff.cost.count_flops`` (a training step: 3 × the forward's), and the same
+count is used for both; sample64's count is also checked against ``tinydiff.cost.pipeline_cost``
+(calls × rows × FLOPs per row + text encoder + decoder, per image). Each thread count runs in its
+own subprocess with OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = MKL_NUM_THREADS = T and ``torch.set_num_threads(T)``,
 so NumPy's BLAS and PyTorch get the same number of threads; the float32 GEMM rate (1024³) of
 NumPy and of PyTorch is measured in the same process. In the unet-train and sample64 cases
 tinydiff uses its T cores its own way, with single-threaded BLAS: the batch is split into T
@@ -58,7 +59,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 # benchmarks/ is on sys.path when this runs as a script; importing bench_unet puts the checkout's root there too.
-from bench_unet import count_flops
+import bench_unet  # noqa: F401
+
+from tinydiff import cost
 
 CASES = ("unet-train", "vae-train", "text-train", "sample64")
 UNET_TRAIN_TARGET = 1.5  # issue 9: tinydiff's U-Net training step within 1.5× PyTorch's eager time on 2 cores
@@ -121,12 +124,12 @@ def time_interleaved(steps: dict, repeats: int) -> dict:
     return times
 
 
-def training_flops(step) -> int:
-    """FLOPs of one training step: the forward's matrix products, counted, times 3 (a backward
-    pass runs two GEMMs per forward GEMM: one for the input's gradient, one for the weight's)."""
-    with count_flops() as flops:
+def training_flops(step, model) -> int:
+    """FLOPs of one training step of ``model``: the forward's matrix products, counted, times 3 (a
+    backward pass runs two GEMMs per forward GEMM: one for the input's gradient, one for the weight's)."""
+    with cost.count_flops(model) as count:
         step()
-    return 3 * flops["forward"]
+    return 3 * count.total
 
 
 def training_case(model, reference, tiny_loss, torch_loss, what: str, lr: float = 2e-3) -> Case:
@@ -152,7 +155,7 @@ def training_case(model, reference, tiny_loss, torch_loss, what: str, lr: float 
         torch_loss()
         torch_optimizer.step()
 
-    return Case(tiny_step, torch_step, training_flops(tiny_step), parity, what)
+    return Case(tiny_step, torch_step, training_flops(tiny_step, model), parity, what)
 
 
 # --------------------------------------------------------------------------- the cases
@@ -248,7 +251,7 @@ def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
 
     # FLOPs counted on one core: with several, the workers' products happen in other processes
     one_core = diffusion_grads(unet, latents, diffusion, FixedContexts(contexts))
-    flops = training_flops(lambda: one_core(0, rng(3)))
+    flops = training_flops(lambda: one_core(0, rng(3)), unet)
     unet.zero_grad()
     return Case(tiny_step, torch_step, flops, parity,
                 f"latent U-Net training step, batch {batch}, {unet.num_parameters():,} params")
@@ -374,14 +377,17 @@ def sample_case(num_images: int = 64, threads: int = 1) -> Case:
     def torch_step():
         return torch_pipeline(pipe, text_encoder, unet, vae, prompt, num_images, seed)
 
-    with count_flops() as flops:
+    with cost.count_flops(pipe.text_encoder, pipe.unet, pipe.vae) as count:
         (images_a, z_a) = tiny_step()
+    d = pipe.defaults
+    predicted = num_images * cost.pipeline_cost(pipe)["gflop_per_image"] * 1e9  # the defaults' sampler and steps
+    if abs(count.total - predicted) > 1e-9 * predicted:
+        raise SystemExit(f"sample64: counted {count.total} FLOPs but pipeline_cost predicts {predicted:.0f}")
     images_b, z_b = torch_step()
     # uint8 pixels may round to neighbouring levels; a difference of two levels or more is an error.
     levels = np.abs(images_a.astype(np.int64) - images_b.astype(np.int64))
     parity = {"latents": relative_difference(z_a, z_b), "pixels off by >1 level": float((levels > 1).mean())}
-    d = pipe.defaults
-    return Case(tiny_step, torch_step, flops["forward"], parity,
+    return Case(tiny_step, torch_step, count.total, parity,
                 f"{num_images} images, {d.steps} {d.sampler} {d.sigma_schedule} steps, guidance {d.guidance_scale}")
 
 
