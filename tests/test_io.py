@@ -177,3 +177,84 @@ def test_json_round_trip_and_errors(tmp_path):
 def test_sha256_file_matches_hashlib(ckpt):
     path, _ = ckpt
     assert io.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_object_arrays_are_refused_as_pickled_objects_not_called_truncated(tmp_path):
+    # regression: an object array (stored as a pickle) was reported as a truncated checkpoint,
+    # with advice to resume from an earlier one
+    path = tmp_path / "pickled.npz"
+    header = json.dumps({"format_version": io.FORMAT_VERSION, "kind": "unet", "config": {}, "extra": {}})
+    np.savez(path, w=np.zeros(3, np.float32), payload=np.array([{"run": "code"}, None], dtype=object),
+             **{io.HEADER_KEY: np.frombuffer(header.encode(), np.uint8)})
+    with pytest.raises(CheckpointError, match=named(path) + " contains pickled objects; refusing to load") as info:
+        load_checkpoint(path)
+    assert "truncated" not in str(info.value) and "resume" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- configs ↔ JSON
+
+
+def _config_classes():
+    from tinydiff.diffusion import DiffusionConfig
+    from tinydiff.models import AutoencoderConfig, CLIPConfig, ImageEncoderConfig, TextEncoderConfig, UNetConfig
+    from tinydiff.models.classifier import ClassifierConfig
+    from tinydiff.pipeline import SamplingDefaults
+    from tinydiff.train.diffusion import DiffusionTrainingConfig
+    from tinydiff.train.recipes import RecipeConfig
+
+    return [UNetConfig, AutoencoderConfig, ClassifierConfig, TextEncoderConfig, ImageEncoderConfig, CLIPConfig,
+            DiffusionConfig, DiffusionTrainingConfig, SamplingDefaults, RecipeConfig]
+
+
+CONFIG_CLASSES = _config_classes()
+CONFIG_IDS = [c.__name__ for c in CONFIG_CLASSES]
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=CONFIG_IDS)
+def test_config_json_round_trip_is_exact(cls):
+    config = cls()
+    text = json.dumps(config.to_dict())  # plain JSON types only (tuples became lists)
+    again = cls.from_dict(json.loads(text))
+    assert again == config and type(again) is cls
+    assert cls.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=CONFIG_IDS)
+def test_config_from_dict_rejects_an_unknown_key_by_name(cls):
+    from tinydiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"unknown {cls.__name__} keys: colour;"):
+        cls.from_dict({**cls().to_dict(), "colour": 1})
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=CONFIG_IDS)
+def test_config_from_dict_rejects_a_wrongly_typed_value_by_name(cls):
+    from tinydiff.config import ConfigError
+
+    d = cls().to_dict()
+    key = next(iter(d))  # the first field; a list or an object is never a valid scalar, nor a dict a list
+    bad = {"not": "this"} if not isinstance(d[key], dict) else [1, 2]
+    with pytest.raises(ConfigError, match=re.escape(f"{cls.__name__}.{key} must be")):
+        cls.from_dict({**d, key: bad})
+
+
+def test_config_types_follow_json():
+    from tinydiff.config import ConfigError
+    from tinydiff.models import CLIPConfig, UNetConfig
+    from tinydiff.pipeline import SamplingDefaults
+
+    # JSON does not tell 2 from 2.0: an int is a valid float; but a float is not an int, a bool neither
+    assert SamplingDefaults.from_dict({"guidance_scale": 3}).guidance_scale == 3.0
+    assert SamplingDefaults.from_dict({"sigma_max": None}).sigma_max is None
+    with pytest.raises(ConfigError, match="SamplingDefaults.steps must be int"):
+        SamplingDefaults.from_dict({"steps": 20.5})
+    with pytest.raises(ConfigError, match="UNetConfig.groups must be int"):
+        UNetConfig.from_dict({"groups": True})
+    with pytest.raises(ConfigError, match=re.escape("UNetConfig.block_channels[1] must be int")):
+        UNetConfig.from_dict({"block_channels": [16, "32", 64]})
+    assert UNetConfig.from_dict({"block_channels": [16, 32, 64]}).block_channels == (16, 32, 64)
+    # nested configs are checked too (CLIPConfig.from_dict used to accept anything)
+    with pytest.raises(ConfigError, match="unknown TextEncoderConfig keys: depth"):
+        CLIPConfig.from_dict({"text": {"depth": 3}})
+    with pytest.raises(ConfigError, match="CLIPConfig.image must be"):
+        CLIPConfig.from_dict({"image": 3})

@@ -69,6 +69,9 @@ def load_checkpoint(path, *, kind: str | None = None) -> tuple[dict, dict]:
         if not hasattr(archive, "files"):  # a bare .npy array, not an .npz archive
             raise CheckpointError(f"{path} holds a single .npy array, not a tinydiff checkpoint (.npz archive)")
         with archive:
+            if _object_members(archive):  # reading them would unpickle, i.e. run code the file chooses
+                raise CheckpointError(f"{path} contains pickled objects; refusing to load "
+                                      "(a tinydiff checkpoint holds only numeric arrays)")
             arrays = {k: archive[k] for k in archive.files}
     except CheckpointError:
         raise
@@ -93,6 +96,26 @@ def load_checkpoint(path, *, kind: str | None = None) -> tuple[dict, dict]:
     if kind is not None and header.get("kind") != kind:
         raise CheckpointError(f"checkpoint {path} holds a {header.get('kind')!r}, expected a {kind!r}")
     return arrays, header
+
+
+def _object_members(archive) -> list[str]:
+    """The members of an open .npz whose dtype holds Python objects (stored as pickles).
+
+    Only each member's .npy header is read (``numpy.lib.format``): the dtype is known before
+    any data is, so nothing is unpickled to find out.
+    """
+    found = []
+    for member in archive.zip.namelist():
+        with archive.zip.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:  # version 3.0 (UTF-8 field names) is never written by save_checkpoint
+                raise ValueError(f"unsupported .npy format version {version} in member {member}")
+            _, _, dtype = read_header(f)
+        if dtype.hasobject:
+            found.append(member)
+    return found
 
 
 def save_json(path, obj) -> None:
