@@ -167,3 +167,117 @@ def test_fast_recipe_pieces_fit_together():
     grads = diffusion_grads(model.unet, data, diffusion, LabelConditioning(model.label_embedding, np.arange(4)))
     loss, _ = grads(0, np.random.default_rng(0))  # one step of the recipe's batch at 32×32
     assert np.isfinite(loss) and loop.total_steps > loop.warmup_steps
+
+
+# --- what one step feeds the network: timesteps, their distribution, the loss weights -----------
+
+
+class SpyNetwork:
+    """Stands in for the U-Net in ``diffusion_grads``: records every input, outputs F = 0, and keeps
+    the gradient it receives. With F = 0 that gradient is dL/dF = −(2/n)·w_b·target_b (mse_loss), so
+    the step's target and weights can be read back from it."""
+
+    def __init__(self):
+        self.calls = []  # one dict per forward: x_t, t, context, mask, then dout after backward
+
+    def __call__(self, x_t, t, context, mask):
+        self.calls.append({"x_t": x_t.copy(), "t": t.copy(), "context": context, "mask": mask})
+        return np.zeros_like(x_t)
+
+    def backward(self, dout):
+        self.calls[-1]["dout"] = dout.copy()
+        return np.zeros_like(dout), None  # (dx, dcontext): no conditioning here
+
+
+def spy_step(config, data, steps=1, seed=0):
+    """Run ``steps`` training steps of ``config`` on ``data`` with the spy in place of the U-Net."""
+    spy = SpyNetwork()
+    step = diffusion_grads(spy, data, config)
+    generator = np.random.default_rng(seed)
+    losses = [step(i, generator)[0] for i in range(steps)]
+    return spy, losses
+
+
+def signal_and_noise_scales(x_t, x0, noise):
+    """Per row b, the (a_b, s_b) with x_t[b] = a_b·x0 + s_b·noise[b], by least squares over pixels."""
+    scales = []
+    for xt_b, noise_b in zip(x_t, noise):
+        basis = np.stack([x0.ravel(), noise_b.ravel()], axis=1)  # (pixels, 2)
+        (a, s), *_ = np.linalg.lstsq(basis, xt_b.ravel(), rcond=None)
+        np.testing.assert_allclose(a * x0 + s * noise_b, xt_b, rtol=0, atol=1e-12)  # an exact fit
+        scales.append((a, s))
+    return np.array(scales).T  # (2, B)
+
+
+def test_the_network_is_told_the_timestep_of_the_noise_it_sees():
+    """DDPM Algorithm 1: x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε and the network gets that same t. The noise
+    level is reconstructed from x_t, x0 and ε (read back from the gradient: target = ε, w = 1)."""
+    x0 = np.random.default_rng(1).uniform(-1, 1, (1, 1, 4, 4))  # one image: every row's x0
+    config = DiffusionTrainingConfig(batch_size=64, cond_drop_prob=0.0)
+    schedule = config.make_schedule()
+    spy, _ = spy_step(config, x0)
+    (call,) = spy.calls
+    n = call["x_t"].size
+    noise = -call["dout"] * n / 2  # dL/dF at F = 0 is −(2/n) ε
+    a, s = signal_and_noise_scales(call["x_t"], x0[0], noise)
+    t = call["t"]
+    assert t.shape == (64,) and np.array_equal(t, np.round(t))  # integer timesteps, one per row
+    t = t.astype(int)
+    np.testing.assert_allclose(a**2 + s**2, 1, atol=1e-12)  # variance preserving
+    np.testing.assert_allclose(a**2, schedule.alphas_cumprod[t], rtol=1e-10, atol=0)  # ᾱ of the t it is told
+    assert len(set(t)) > 30  # and not one t for the whole batch
+
+
+@pytest.mark.parametrize("num_timesteps", [10, 1000])
+def test_training_timesteps_are_uniform_over_every_timestep(num_timesteps):
+    """t ~ U{0, …, T−1} (Algorithm 1): a χ² goodness-of-fit test on 40 000 draws (fixed seed), and
+    every timestep, T − 1 included, drawn at least once (each is expected 40 times or more)."""
+    stats = pytest.importorskip("scipy.stats")
+    config = DiffusionTrainingConfig(num_timesteps=num_timesteps, batch_size=4000, cond_drop_prob=0.0)
+    spy, _ = spy_step(config, np.zeros((1, 1, 1, 1)), steps=10, seed=3)
+    t = np.concatenate([call["t"] for call in spy.calls]).astype(int)
+    counts = np.bincount(t, minlength=num_timesteps)
+    assert counts.shape == (num_timesteps,) and t.min() == 0 and t.max() == num_timesteps - 1
+    assert np.all(counts > 0), np.flatnonzero(counts == 0)
+    p_value = stats.chisquare(counts).pvalue  # H0: every timestep equally likely
+    assert p_value > 1e-3, p_value
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "sample"])
+def test_min_snr_loss_weights_match_their_closed_form(prediction_type):
+    """Min-SNR-γ (Hang et al. 2023) weights the x0 error by min(SNR, γ), SNR = ᾱ/(1 − ᾱ); on the
+    network's output that is min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, min(SNR, γ) for x0.
+    Each row's weight is read back from the gradient at F = 0, dL/dF = −(2/n)·w_b·target_b."""
+    gamma = 5.0
+    x0 = np.random.default_rng(2).uniform(-1, 1, (1, 1, 4, 4))
+    config = DiffusionTrainingConfig(batch_size=256, prediction_type=prediction_type, loss_weighting="min_snr",
+                             min_snr_gamma=gamma, cond_drop_prob=0.0)
+    schedule = config.make_schedule()
+    spy, (loss,) = spy_step(config, x0, seed=4)
+    (call,) = spy.calls
+    t = call["t"].astype(int)
+    alpha_bar = schedule.alphas_cumprod[t][:, None, None, None]  # (B, 1, 1, 1)
+    noise = (call["x_t"] - np.sqrt(alpha_bar) * x0) / np.sqrt(1 - alpha_bar)  # ε from x_t = √ᾱ x0 + √(1−ᾱ) ε
+    target = {"epsilon": noise, "sample": np.broadcast_to(x0, noise.shape),
+              "v": np.sqrt(alpha_bar) * noise - np.sqrt(1 - alpha_bar) * x0}[prediction_type]
+    n = target.size
+    weights = -np.sum(call["dout"] * target, axis=(1, 2, 3)) * n / (2 * np.sum(target**2, axis=(1, 2, 3)))
+
+    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    assert np.any(snr > gamma) and np.any(snr < gamma)  # rows on both sides of the clamp
+    expected = {"epsilon": np.minimum(snr, gamma) / snr, "v": np.minimum(snr, gamma) / (snr + 1),
+                "sample": np.minimum(snr, gamma)}[prediction_type]
+    np.testing.assert_allclose(weights, expected, rtol=1e-9)
+    assert loss == pytest.approx(np.sum(expected * np.sum(target**2, axis=(1, 2, 3))) / n, rel=1e-9)
+
+
+def test_plain_weighting_is_one_for_every_timestep():
+    x0 = np.random.default_rng(5).uniform(-1, 1, (1, 1, 4, 4))
+    config = DiffusionTrainingConfig(batch_size=32, cond_drop_prob=0.0)
+    spy, (loss,) = spy_step(config, x0, seed=6)
+    (call,) = spy.calls
+    schedule = config.make_schedule()
+    alpha_bar = schedule.alphas_cumprod[call["t"].astype(int)][:, None, None, None]
+    noise = (call["x_t"] - np.sqrt(alpha_bar) * x0) / np.sqrt(1 - alpha_bar)
+    np.testing.assert_allclose(call["dout"], -2 / noise.size * noise, rtol=1e-9, atol=1e-15)  # w = 1, target ε
+    assert loss == pytest.approx(np.mean(noise**2), rel=1e-9)
