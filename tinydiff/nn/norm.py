@@ -4,12 +4,13 @@ Both normalise a set of m numbers to zero mean and unit variance, then apply a l
 
     μ = mean(x),  σ² = mean((x − μ)²) (biased, as PyTorch),  x̂ = (x − μ)/√(σ² + ε),  y = γ x̂ + β
 
-and share one backward formula. With g = γ ⊙ dy (the gradient reaching x̂):
+and share one backward formula, derived once in ``_normalized_input_grad``. With g = γ ⊙ dy (the
+gradient reaching x̂):
 
     dx = (1/√(σ² + ε)) · (g − mean(g) − x̂ · mean(g ⊙ x̂))
 
 (the two subtracted means are the paths through μ and σ²; means are over the normalised set).
-"""
+The two norms differ only in which numbers form a set and how they compute the two means."""
 
 from __future__ import annotations
 
@@ -52,34 +53,51 @@ def group_norm_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
     return out.reshape(x.shape), NormCache(x_hat, inv_std, gamma, x.shape)
 
 
+def _normalized_input_grad(dy, gamma, x_hat, inv_std, mean_g, mean_gx):
+    """dx of a normalisation, given the two means of g = γ ⊙ dy over each normalised set.
+
+    Derivation, for one set of m numbers x_1 … x_m (s = 1/√(σ² + ε), g_i = ∂L/∂x̂_i = γ_i dy_i):
+
+        ∂σ²/∂x_j = (2/m)(x_j − μ)                  (the path through μ sums to zero)
+        ∂s/∂x_j  = −½ s³ ∂σ²/∂x_j = −s² x̂_j / m
+        ∂x̂_i/∂x_j = s (δ_ij − 1/m) + (x_i − μ) ∂s/∂x_j = s (δ_ij − 1/m − x̂_i x̂_j / m)
+        dx_j = Σ_i g_i ∂x̂_i/∂x_j = s · (g_j − mean(g) − x̂_j · mean(g ⊙ x̂))
+
+    Evaluated as dy·(γ s) − x̂·(mean(g ⊙ x̂) s) − mean(g) s: the small factors are formed first,
+    g itself never is, and dx is written in three passes. All arguments broadcast against dy,
+    laid out so that each normalised set spans the trailing axes: ``inv_std`` (= s),
+    ``mean_g`` and ``mean_gx`` have size 1 on those axes.
+    """
+    dx = dy * (gamma * inv_std)
+    dx -= x_hat * (mean_gx * inv_std)
+    dx -= mean_g * inv_std
+    return dx
+
+
 def group_norm_backward(dout, cache: NormCache):
-    """Returns (dx, dgamma, dbeta): the module docstring's formula, evaluated through two sums
-    per image and channel, S1 = Σ_s dy and S2 = Σ_s dy ⊙ x̂ (s over positions):
+    """Returns (dx, dgamma, dbeta) by ``_normalized_input_grad``, with the two means of g = γ ⊙ dy
+    taken through two sums per image and channel, S1 = Σ_s dy and S2 = Σ_s dy ⊙ x̂ (s over positions):
 
         dβ_c = Σ_n S1[n, c],    dγ_c = Σ_n S2[n, c],
-        mean(g) = (1/m) Σ_{c ∈ group} γ_c S1[n, c],   mean(g ⊙ x̂) = (1/m) Σ_{c ∈ group} γ_c S2[n, c],
-        dx = dy · (γ_c/σ) − x̂ · mean(g ⊙ x̂)/σ − mean(g)/σ      (σ = √(σ² + ε) of the group)
+        mean(g) = (1/m) Σ_{c ∈ group} γ_c S1[n, c],   mean(g ⊙ x̂) = (1/m) Σ_{c ∈ group} γ_c S2[n, c]
 
-    so g = γ ⊙ dy is never formed: two reductions and one pass that writes dx.
+    so the reductions read dy and x̂ once each and never form g.
     """
     x_hat, inv_std, gamma, shape = cache
     xp = get_xp(dout)
     n, c = shape[:2]
     groups, m = x_hat.shape[1], x_hat.shape[2]
-    dy = dout.reshape(n, c, -1)  # (N, C, S)
-    xh = x_hat.reshape(n, c, -1)  # (N, G, C/G·S) → (N, C, S)
-    s1 = dy.sum(axis=2)  # (N, C)
-    s2 = xp.einsum("ncs,ncs->nc", dy, xh)  # (N, C)
-    dgamma, dbeta = s2.sum(axis=0), s1.sum(axis=0)
-    mean_g = (s1 * gamma).reshape(n, groups, -1).sum(axis=2) / m  # (N, C) → (N, G, C/G) → (N, G)
-    mean_gx = (s2 * gamma).reshape(n, groups, -1).sum(axis=2) / m
-    inv = inv_std.reshape(n, groups)  # (N, G, 1) → (N, G)
-    per_channel = (lambda per_group: xp.repeat(per_group, c // groups, axis=1).reshape(n, c, 1))  # (N, G) → (N, C, 1)
-    a = (gamma.reshape(1, groups, -1) * inv[..., None]).reshape(n, c, 1)  # γ_c/σ, (N, G, C/G) → (N, C, 1)
-    b, k = per_channel(-inv * mean_gx), per_channel(-inv * mean_g)
-    dx = dy * a
-    dx += xh * b
-    dx += k
+    dy = dout.reshape(n, groups, c // groups, -1)  # (N, C, *spatial) → (N, G, C/G, S)
+    xh = x_hat.reshape(dy.shape)  # (N, G, C/G·S) → (N, G, C/G, S)
+    s1 = dy.sum(axis=3)  # (N, G, C/G)
+    s2 = xp.einsum("ngcs,ngcs->ngc", dy, xh)  # (N, G, C/G)
+    dgamma, dbeta = s2.sum(axis=0).reshape(c), s1.sum(axis=0).reshape(c)
+    g4 = gamma.reshape(1, groups, -1)  # (C,) → (1, G, C/G)
+    mean_g = (s1 * g4).sum(axis=2) / m  # (N, G)
+    mean_gx = (s2 * g4).sum(axis=2) / m  # (N, G)
+    per_set = (n, groups, 1, 1)  # one number per group of each image, broadcast over (C/G, S)
+    dx = _normalized_input_grad(dy, gamma.reshape(1, groups, -1, 1), xh, inv_std.reshape(per_set),
+                                mean_g.reshape(per_set), mean_gx.reshape(per_set))
     return dx.reshape(shape), dgamma, dbeta
 
 
@@ -96,14 +114,16 @@ def layer_norm_forward(x, gamma, beta, eps: float = 1e-5):
 
 
 def layer_norm_backward(dout, cache: NormCache):
-    """Returns (dx, dgamma, dbeta): the module docstring's formula with g = γ ⊙ dy; dγ and dβ sum
-    over the leading (batch) axes."""
+    """Returns (dx, dgamma, dbeta) by ``_normalized_input_grad``, each row's m numbers one set;
+    dγ and dβ sum over the leading (batch) axes."""
     x_hat, inv_std, gamma, shape = cache
     lead = tuple(range(len(shape) - gamma.ndim))
-    x_hat = x_hat.reshape(shape)
-    dgamma = (dout * x_hat).sum(axis=lead)
+    dgamma = (dout * x_hat.reshape(shape)).sum(axis=lead)
     dbeta = dout.sum(axis=lead)
-    g = (dout * gamma).reshape(inv_std.shape[:-1] + (-1,))  # (..., m)
-    x_hat = x_hat.reshape(g.shape)
-    dx = inv_std * (g - g.mean(axis=-1, keepdims=True) - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    dy = dout.reshape(x_hat.shape)  # (..., *normalized_shape) → (..., m)
+    gamma = gamma.reshape(-1)  # normalized_shape → (m,)
+    g = dy * gamma  # (..., m)
+    mean_g = g.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_gx = (g * x_hat).mean(axis=-1, keepdims=True)
+    dx = _normalized_input_grad(dy, gamma, x_hat, inv_std, mean_g, mean_gx)
     return dx.reshape(shape), dgamma, dbeta
