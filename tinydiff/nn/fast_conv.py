@@ -37,6 +37,11 @@ benchmarks/README.md):
   entries that fall in the zero padding are simply never written. Reusing it matters: a fresh
   2 MiB buffer is fresh pages from the OS, and the page faults of writing them cost about as
   much as the copy itself.
+* **Winograd for 3×3 "same" convolutions of even-sized images** (every 3×3 convolution of the
+  latent U-Net at 8×8 and 4×4, forward and input gradient): ``_winograd_3x3`` computes each 2×2
+  block of outputs from a 4×4 tile of input with 16 multiplications instead of 36 (Lavin & Gray
+  2016, F(2×2, 3×3)), so its matrix products do 4/9 of im2col's. Its transforms are a few
+  additions over whole arrays; the docstring of ``_winograd_3x3`` derives them.
 * **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
   rather than holding 9× the activations' memory until the backward pass; inference
   (``no_grad``) keeps nothing but references.
@@ -50,6 +55,7 @@ benchmarks/README.md):
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from typing import NamedTuple
@@ -179,12 +185,125 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
         yield start, cols6.reshape(c * kh * kw, m * ho * wo)
 
 
+# --------------------------------------------------------------------------- Winograd F(2×2, 3×3)
+
+_W_B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # Bᵀ (4, 4): input transform
+_W_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))  # G (4, 3): kernel transform
+_W_A_T = ((1, 1, 1, 0), (0, 1, -1, -1))  # Aᵀ (2, 4): output transform
+
+
+def _winograd_applies(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int) -> bool:
+    """3×3, stride 1, padding 1 (output size = input size), even height and width, on NumPy
+    (on a GPU the im2col product is one large kernel launch already)."""
+    h, wd = x.shape[2:]
+    return (kh, kw, stride, pad_h, pad_w) == (3, 3, 1, 1, 1) and h % 2 == 0 and wd % 2 == 0 and backend_of(x) == "numpy"
+
+
+def _scratch(xp, dtype, *shapes):
+    """Views of one flat buffer per thread and dtype, one view of each shape (not zeroed). The
+    buffer only grows, so after the first call of the largest layer no call allocates: fresh pages
+    from the OS would cost page faults on every call."""
+    sizes = [int(math.prod(shape)) for shape in shapes]
+    arenas = getattr(_workspaces, "scratch", None)
+    if arenas is None:
+        arenas = _workspaces.scratch = {}
+    key = xp.dtype(dtype).str
+    if key not in arenas or arenas[key].size < sum(sizes):
+        arenas[key] = xp.empty(sum(sizes), dtype=dtype)
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        views.append(arenas[key][start : start + size].reshape(shape))
+        start += size
+    return views
+
+
+def _winograd_3x3(x, w, b):
+    """3×3 convolution with padding 1 of x (N, C, H, W), H and W even, by Winograd's minimal
+    filtering algorithm F(2×2, 3×3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
+    Networks", section 4). w (O, C, 3, 3), b (O,) or None → out (N, O, H, W).
+
+    **One dimension first, F(2, 3):** two outputs of a 3-tap correlation of d = (d0 … d3) with
+    g = (g0, g1, g2), y0 = d0 g0 + d1 g1 + d2 g2 and y1 = d1 g0 + d2 g1 + d3 g2, cost 6
+    multiplications directly but 4 this way:
+
+        m1 = (d0 − d2) g0,   m2 = (d1 + d2)(g0 + g1 + g2)/2,
+        m3 = (d2 − d1)(g0 − g1 + g2)/2,   m4 = (d1 − d3) g2,
+        y0 = m1 + m2 + m3,   y1 = m2 − m3 − m4,
+
+    in matrices y = Aᵀ[(G g) ⊙ (Bᵀ d)] with Bᵀ, G and Aᵀ the constants above (expand m2 + m3 and
+    m2 − m3 to check). **Nested for two dimensions, F(2×2, 3×3):** a 2×2 block of outputs from the
+    4×4 tile d of input that it reads, and the 3×3 kernel g,
+
+        Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A          (16 multiplications instead of 4·9 = 36)
+
+    **A convolution layer** sums over input channels c; the sum commutes with Aᵀ · A, so with
+    U[o, c] = G g[o, c] Gᵀ and V[c, tile] = Bᵀ d[c, tile] B (both 4×4, indexed by (ξ, ν)):
+
+        M[ξ, ν][o, tile] = Σ_c U[ξ, ν][o, c] · V[ξ, ν][c, tile],   Y[o, tile] = Aᵀ M[o, tile] A
+
+    i.e. 16 independent matrix products, one per (ξ, ν), each (N·tiles, C) · (C, O): the GEMM
+    FLOPs are 16/36 = 4/9 of im2col's. Tiles start every 2 pixels of the zero-padded input, so
+    the (H/2)·(W/2) tiles of an image overlap by 2 rows and columns.
+
+    **Layout.** Everything runs with (N, C) (or (N, O)) as the last, contiguous axes: the padded
+    input is (H+2, W+2, N, C), so every transform step is one NumPy operation over whole arrays
+    whose inner runs are N·C numbers long, and V is already the stack of 16 (tiles·N, C) matrices.
+    Bᵀ · d and · B are applied as rows then columns, each as the four sums and differences that
+    Bᵀ's rows spell out (d0 − d2, d1 + d2, d2 − d1, d1 − d3), on strided views that pick the 4
+    rows (columns) of every tile at once. The output transform does the same with Aᵀ's two rows.
+    In float32 the results differ from im2col's by rounding only (relative 1e-6; tested).
+    """
+    xp = get_xp(x, w)
+    n, c, h, wd = x.shape
+    o = w.shape[0]
+    th, tw = h // 2, wd // 2  # tiles per column and per row
+    rows = th * tw * n  # rows of each of the 16 matrix products, ordered (tile y, tile x, image)
+    g = xp.asarray(_W_G, dtype=x.dtype)
+    kron = (g[:, None, :, None] * g[None, :, None, :]).reshape(16, 9)  # G ⊗ G: vec(G g Gᵀ) = (G ⊗ G) vec(g)
+    u_t = (w.reshape(o * c, 9) @ kron.T).T.reshape(16, o, c).transpose(0, 2, 1)  # (O·C, 16) → (16, O, C) → Uᵀ (16, C, O)
+    xpad, t, v, m, s, y = _scratch(
+        xp, x.dtype, (h + 2, wd + 2, n, c), (4, th, wd + 2, n, c), (4, 4, th, tw, n, c), (16, rows, o),
+        (2, 4, th, tw, n, o), (2, 2, th, tw, n, o))
+    xpad[0], xpad[-1], xpad[:, 0], xpad[:, -1] = 0, 0, 0, 0  # the zero padding
+    xpad[1:-1, 1:-1] = x.transpose(2, 3, 0, 1)  # (N, C, H, W) → (H, W, N, C)
+    # V = Bᵀ d B. Rows: d_k = row 2·ty + k of every tile ty, (th, W+2, N, C) each
+    d = [xpad[k : k + 2 * th : 2] for k in range(4)]
+    xp.subtract(d[0], d[2], out=t[0])
+    xp.add(d[1], d[2], out=t[1])
+    xp.subtract(d[2], d[1], out=t[2])
+    xp.subtract(d[1], d[3], out=t[3])
+    # columns: e_k = column 2·tx + k of every tile tx, (4, th, tw, N, C) each
+    e = [t[:, :, k : k + 2 * tw : 2] for k in range(4)]
+    xp.subtract(e[0], e[2], out=v[:, 0])
+    xp.add(e[1], e[2], out=v[:, 1])
+    xp.subtract(e[2], e[1], out=v[:, 2])
+    xp.subtract(e[1], e[3], out=v[:, 3])
+    xp.matmul(v.reshape(16, rows, c), u_t, out=m)  # M[ξ, ν] = V[ξ, ν] Uᵀ[ξ, ν]: (16, rows, C) @ (16, C, O)
+    m = m.reshape(4, 4, th, tw, n, o)
+    # Y = Aᵀ M A. Rows (Aᵀ: m0 + m1 + m2 and m1 − m2 − m3), then columns
+    xp.add(m[0], m[1], out=s[0])
+    s[0] += m[2]
+    xp.subtract(m[1], m[2], out=s[1])
+    s[1] -= m[3]
+    if b is not None:  # column 1 enters both outputs of every row with weight +1: the bias goes there
+        s[:, 1] += b
+    xp.add(s[:, 0], s[:, 1], out=y[:, 0])
+    y[:, 0] += s[:, 2]
+    xp.subtract(s[:, 1], s[:, 2], out=y[:, 1])
+    y[:, 1] -= s[:, 3]
+    out = xp.empty((n, o, th, 2, tw, 2), dtype=x.dtype)
+    out[...] = y.transpose(4, 5, 2, 0, 3, 1)  # (2, 2, th, tw, N, O) → (N, O, th, 2, tw, 2): pixel (2·ty + a, 2·tx + b)
+    return out.reshape(n, o, h, wd)
+
+
 def _correlate(x, w, b, stride: int, pad_h: int, pad_w: int):
     """out[n, o, y, x] = b[o] + Σ_{c,i,j} w[o, c, i, j] · x_pad[n, c, y·s + i, x·s + j], chunk by
     chunk.  x (N, C, H, W), w (O, C, kh, kw), b (O,) or None → out (N, O, Ho, Wo)."""
     xp = get_xp(x, w)
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
+    if _winograd_applies(x, kh, kw, stride, pad_h, pad_w):
+        return _winograd_3x3(x, w, b)
     ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
     w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
     out = xp.empty((n, o, ho, wo), dtype=x.dtype)

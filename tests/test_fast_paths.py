@@ -1,0 +1,140 @@
+"""The fast implementations against the readable references they replace, and the switch between them.
+
+``tinydiff/nn/conv.py`` is the reference convolution (im2col over the batch, one matrix product,
+col2im); ``tinydiff/nn/fast_conv.py`` computes the same numbers faster (chunks, shifted copies,
+1×1 matmuls, Winograd F(2×2, 3×3)). In float64 they must agree to rounding (1e-12) in the output
+and in all three gradients, for every geometry whose code path differs; in float32 the Winograd
+path rounds differently from a direct sum (its transforms add and subtract before multiplying),
+so it is held to a stated tolerance instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinydiff import backend
+from tinydiff.nn import Conv2d, conv, fast_conv, gradcheck_module
+
+GEOMETRIES = [  # (N, C, O, H, W, kernel, stride, padding): what each exercises in fast_conv
+    (3, 4, 5, 8, 8, 3, 1, 1),  # 3×3 'same', even size: Winograd forward, Winograd dx (O < 2C)
+    (2, 3, 4, 4, 6, 3, 1, 1),  # the same on a non-square 4×6 image
+    (2, 2, 6, 8, 4, 3, 1, 1),  # Winograd forward, dx by col2im (O ≥ 2C)
+    (3, 3, 4, 7, 5, 3, 1, 1),  # odd size: im2col by shifted runs
+    (2, 3, 4, 7, 6, 3, 2, 1),  # strided: window copies, dx by col2im
+    (2, 3, 4, 7, 6, 1, 1, 0),  # 1×1: batched matmul
+    (2, 3, 4, 7, 6, 1, 2, 0),  # 1×1 strided: im2col
+    (2, 3, 4, 7, 6, 3, 1, 0),  # padding 0: dx by the transposed conv with padding 2
+    (2, 3, 4, 2, 3, 5, 1, 2),  # a 5×5 kernel wider than the 2×3 image
+    (2, 3, 4, 2, 2, 3, 1, 1),  # 3×3 on 2×2 (smaller than the kernel): Winograd with one tile
+]
+
+
+def _inputs(n, c, o, h, w, kernel, dtype, seed=0):
+    gen = np.random.default_rng(seed)
+    x = gen.standard_normal((n, c, h, w)).astype(dtype)
+    weight = (gen.standard_normal((o, c, kernel, kernel)) / kernel).astype(dtype)
+    bias = gen.standard_normal(o).astype(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fast_conv2d_equals_the_reference_in_float64(geometry, with_bias):
+    n, c, o, h, w, kernel, stride, padding = geometry
+    x, weight, bias = _inputs(n, c, o, h, w, kernel, np.float64)
+    bias = bias if with_bias else None
+    out_ref, cache_ref = conv.conv2d_forward(x, weight, bias, stride, padding)
+    out_fast, cache_fast = fast_conv.conv2d_forward(x, weight, bias, stride, padding)
+    np.testing.assert_allclose(out_fast, out_ref, rtol=1e-12, atol=1e-12)
+    dout = np.random.default_rng(1).standard_normal(out_ref.shape)
+    grads_ref = conv.conv2d_backward(dout, cache_ref)
+    grads_fast = fast_conv.conv2d_backward(dout, cache_fast)
+    for name, got, want in zip(("dx", "dw", "db"), grads_fast, grads_ref):
+        if want is None:
+            assert got is None, name
+        else:
+            assert got.shape == want.shape, name
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("n,c,o,size", [(16, 32, 32, 8), (16, 64, 64, 4), (8, 96, 32, 8)])
+def test_winograd_conv2d_in_float32_is_within_rounding_of_the_reference(n, c, o, size):
+    """The U-Net's 3×3 shapes in float32: forward and input gradient (both Winograd) within a
+    relative 1e-5 of the float64 result (a direct float32 sum is within about 1e-6)."""
+    x, weight, bias = _inputs(n, c, o, size, size, 3, np.float32)
+    exact, cache64 = conv.conv2d_forward(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), 1, 1)
+    out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
+    assert out.dtype == np.float32
+    assert fast_conv._winograd_applies(x, 3, 3, 1, 1, 1)
+    assert np.abs(out - exact).max() / np.abs(exact).max() < 1e-5
+    dout = np.random.default_rng(2).standard_normal(out.shape)
+    dx_exact = conv.conv2d_backward(dout, cache64)[0]
+    dx = fast_conv.conv2d_backward(dout.astype(np.float32), cache)[0]
+    assert np.abs(dx - dx_exact).max() / np.abs(dx_exact).max() < 1e-5
+
+
+def test_winograd_scratch_reuse_keeps_the_zero_padding():
+    """The Winograd path reuses one scratch buffer for every layer; a call on a large image leaves
+    numbers where a smaller image's padding lies, and the padding must read as zeros anyway."""
+    big, _, _ = _inputs(2, 3, 4, 8, 8, 3, np.float64, seed=5)
+    x, weight, bias = _inputs(3, 3, 4, 4, 4, 3, np.float64, seed=6)
+    want = conv.conv2d_forward(x, weight, bias, 1, 1)[0]
+    for _ in range(2):
+        fast_conv.conv2d_forward(big * 100, weight, bias, 1, 1)
+        np.testing.assert_allclose(fast_conv.conv2d_forward(x, weight, bias, 1, 1)[0], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_conv2d_layer_runs_the_implementation_the_switch_selects_and_its_gradients_check(reference):
+    layer = Conv2d(3, 4, 3, padding=1).double()
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 6))
+    with backend.use_reference(reference):
+        layer(x)
+        assert layer._cache[0] is (conv if reference else fast_conv)
+        errors = gradcheck_module(layer, x)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_backward_uses_the_implementation_of_its_forward_pass_even_if_the_switch_changed():
+    layer = Conv2d(2, 3, 3, padding=1).double()
+    x = np.random.default_rng(4).standard_normal((2, 2, 4, 4))
+    with backend.use_reference(True):
+        out = layer(x)
+    dx = layer.backward(np.ones_like(out))  # the switch is off again: the reference cache still works
+    want, cache = conv.conv2d_forward(x, layer.weight.data, layer.bias.data, 1, 1)
+    np.testing.assert_allclose(dx, conv.conv2d_backward(np.ones_like(want), cache)[0], rtol=1e-12)
+
+
+def test_use_reference_as_a_call_and_as_a_block_restores_the_previous_choice():
+    before = backend.reference_enabled()  # False unless the tests run with TINYDIFF_REFERENCE=1
+    with backend.use_reference():
+        assert backend.reference_enabled() is True
+        assert backend.fast_or_reference("fast", "reference") == "reference"
+        with backend.use_reference(False):
+            assert backend.fast_or_reference("fast", "reference") == "fast"
+        assert backend.reference_enabled() is True
+    assert backend.reference_enabled() is before
+    try:
+        backend.use_reference(not before)
+        assert backend.reference_enabled() is (not before)
+    finally:
+        backend.use_reference(before)
+
+
+@pytest.mark.parametrize("value,expected", [("1", "True"), ("0", "False"), ("", "False")])
+def test_tinydiff_reference_environment_variable(value, expected):
+    code = "from tinydiff import backend; print(backend.reference_enabled())"
+    env = {"TINYDIFF_REFERENCE": value, "PATH": "", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == expected, done.stderr
+
+
+def test_tinydiff_reference_rejects_an_unknown_value_in_one_line():
+    code = "from tinydiff import backend\ntry:\n    backend.reference_enabled()\nexcept backend.BackendError as e:\n    print(e)"
+    env = {"TINYDIFF_REFERENCE": "maybe", "PATH": "", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "TINYDIFF_REFERENCE='maybe' is not understood; use 1 (reference code) or 0 (fast code)"
