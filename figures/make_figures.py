@@ -46,14 +46,15 @@ def kernel_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def _kernel_manager():
-    """A manager for the "python3" kernel run by this very interpreter (sys.executable).
+def _kernel_manager_class():
+    """An AsyncKernelManager whose "python3" kernel is run by this very interpreter (sys.executable).
 
     The installed "python3" kernelspec may be missing, or may point at another Python without
     tinydiff's dependencies; starting ipykernel from sys.executable avoids both.
     """
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
 
     class ThisPythonKernelSpecs(KernelSpecManager):
         def get_kernel_spec(self, kernel_name):
@@ -63,13 +64,22 @@ def _kernel_manager():
                 language="python",
             )
 
-    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=ThisPythonKernelSpecs())
+    class ThisPythonKernelManager(AsyncKernelManager):
+        @default("kernel_spec_manager")
+        def _kernel_spec_manager_default(self):
+            return ThisPythonKernelSpecs()
+
+    return ThisPythonKernelManager
 
 
 def execute_notebook(path: Path, env: dict[str, str], *, timeout: int = CELL_TIMEOUT_S):
     """Execute the notebook at ``path`` in a fresh kernel, cwd = its folder; returns the notebook.
 
     Raises nbclient's CellExecutionError, naming the cell and the traceback, if any cell fails.
+    The kernel is shut down and its connection file deleted before this returns or raises:
+    NotebookClient creates the kernel manager itself (``kernel_manager_class``), and a client
+    that owns its kernel cleans it up when ``execute`` ends. (Handed a ``km=``, it would leave
+    the kernel running until this process exits.)
     """
     import nbformat
     from nbclient import NotebookClient
@@ -77,7 +87,8 @@ def execute_notebook(path: Path, env: dict[str, str], *, timeout: int = CELL_TIM
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
-        km=_kernel_manager(),
+        kernel_manager_class=_kernel_manager_class(),
+        kernel_name="python3",
         timeout=timeout,
         record_timing=False,  # no timestamps in the saved notebook: re-running changes only outputs
         resources={"metadata": {"path": str(path.parent)}},

@@ -14,6 +14,8 @@ regenerates the committed outputs.
 """
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,53 @@ def _load_make_figures():
 
 
 make_figures = _load_make_figures()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="os.kill(pid, 0) would terminate the process on Windows")
+@pytest.mark.parametrize("fails", [False, True], ids=["notebook runs", "cell raises"])
+def test_execute_notebook_shuts_its_kernel_down(tmp_path, fails):
+    """After execute_notebook returns (or raises), its kernel process is gone and so is its
+    connection file: nine chapters must not leave nine kernels alive until the tests end."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    cells = [
+        new_code_cell("import os; print(os.getpid())"),
+        new_code_cell(
+            "import sys\n"
+            "connection_file = sys.argv[sys.argv.index('-f') + 1]  # the kernel's own connection file\n"
+            "print(connection_file, os.path.exists(connection_file))\n"
+            "open('kernel.txt', 'w').write(f'{os.getpid()} {connection_file}')"
+        ),
+    ]
+    if fails:
+        cells.append(new_code_cell("raise RuntimeError('this cell fails')"))
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(new_notebook(cells=cells), path)
+
+    env = make_figures.kernel_env()
+    if fails:
+        with pytest.raises(Exception, match="this cell fails"):
+            make_figures.execute_notebook(path, env, timeout=60)
+    else:
+        executed = make_figures.execute_notebook(path, env, timeout=60)
+    pid_text, connection_file = (tmp_path / "kernel.txt").read_text().split()
+    if not fails:
+        assert executed.cells[0].outputs[0]["text"].strip() == pid_text
+        assert executed.cells[1].outputs[0]["text"].split() == [connection_file, "True"], (
+            "the kernel should see its connection file while it runs")
+    pid = int(pid_text)
+    assert pid != os.getpid()
+    assert not _process_exists(pid), f"kernel process {pid} is still running after its notebook"
+    assert not Path(connection_file).exists(), f"kernel connection file {connection_file} was left behind"
 
 
 def test_there_are_chapters():
