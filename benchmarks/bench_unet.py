@@ -19,6 +19,9 @@ counted, not estimated: every conv2d / linear / attention call in the pass is in
 its multiply-adds counted (2·M·N·K per GEMM; a backward pass costs two GEMMs per forward one).
 A float32 GEMM of 1024³ measured in the same run gives the machine's rate for comparison.
 
+``--reference`` times the layers' reference implementations instead of the fast ones (it sets
+``TINYDIFF_REFERENCE=1`` for every case; see ``tinydiff.backend.use_reference``).
+
 The OpenBLAS variables OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on the project's machines) slow
 NumPy's GEMM; the script says whether they are set. To measure without them, unset both in the
 command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_unet.py``.
@@ -187,6 +190,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", help="pipeline folder for sample64 (default: the shipped weights)")
     parser.add_argument("--threads", type=int, help="sample64: CPU threads sharing the U-Net's rows (default: one per core)")
+    parser.add_argument("--reference", action="store_true", help="run the reference layers (TINYDIFF_REFERENCE=1), not the fast ones")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
@@ -197,7 +201,7 @@ def main() -> None:
     blas_env = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
     from tinydiff.backend import get_backend
 
-    print(f"backend {get_backend()} (TINYDIFF_BACKEND); OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
+    print(f"backend {get_backend()} (TINYDIFF_BACKEND), {'reference' if args.reference else 'fast'} layers; OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"float32 GEMM 1024³: {gemm_rate(args.repeats):.1f} GFLOP/s")
@@ -208,7 +212,8 @@ def main() -> None:
             command += ["--model", args.model]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        env = dict(os.environ, TINYDIFF_REFERENCE="1" if args.reference else "0")
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:
             print(f"{case}: failed\n{done.stderr.strip().splitlines()[-1]}")
             continue
