@@ -117,6 +117,25 @@ def test_inversion_then_ddim_reconstructs_mixture_data_better_with_more_steps():
     assert all(r < e / 10 for r, e in zip(refined, errors)) and refined[-1] < 1e-4, refined
 
 
+def test_inversion_evaluates_the_noise_at_the_upper_sigma_of_each_step():
+    """x_σ = x_σ' + (σ − σ') ε̂(x_σ', σ): the denoiser sees the known point at the step's upper σ."""
+    sigmas = karras_sigmas(5, SIGMA_MIN, SIGMA_MAX)
+    calls = []
+
+    def denoiser(x, sigma):
+        calls.append((x.copy(), sigma))
+        return MIXTURE.denoise(x, sigma)
+
+    z0 = np.linspace(-1.5, 1.5, 6).reshape(6, 1)
+    out = editing.invert_latents(denoiser, z0, sigmas)
+    assert [sigma for _, sigma in calls] == list(sigmas[:-1][::-1])  # σ_{n−1}, …, σ_0
+    x = z0
+    for (seen, sigma), lower in zip(calls, sigmas[1:][::-1]):  # the steps σ' → σ, by hand
+        np.testing.assert_array_equal(seen, x)
+        x = x + (sigma - lower) * ((x - MIXTURE.denoise(x, sigma)) / sigma)
+    np.testing.assert_allclose(out, x, rtol=1e-12)
+
+
 def test_inversion_with_the_shipped_model_reconstructs_better_with_more_steps(pipe, digits):
     images, labels = digits
     prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in labels]
