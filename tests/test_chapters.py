@@ -15,6 +15,7 @@ regenerates the committed outputs.
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+REFERENCES = ROOT / "chapters" / "references.md"
+
+def test_reference_list_names_tests_that_exist():
+    """chapters/references.md names the test that pins each trap; a renamed test must be renamed there."""
+    named = re.findall(r"(tests/test_\w+\.py)::(test_\w+)", REFERENCES.read_text(encoding="utf-8"))
+    assert len(named) >= 10
+    missing = [
+        f"{path}::{name}"
+        for path, name in named
+        if not (ROOT / path).is_file()
+        or not re.search(rf"^def {name}\(", (ROOT / path).read_text(encoding="utf-8"), re.MULTILINE)
+    ]
+    assert not missing, f"chapters/references.md names tests that do not exist: {missing}"
+
+
+def test_citations_of_the_reference_list_name_its_sections():
+    """A comment citing (chapters/references.md, "Section") names a heading that exists."""
+    headings = set(re.findall(r"^#+ (.+?)\s*$", REFERENCES.read_text(encoding="utf-8"), re.MULTILINE))
+    cited = [
+        (path.relative_to(ROOT), section)
+        for path in sorted((ROOT / "tinydiff").rglob("*.py"))
+        for section in re.findall(r'chapters/references\.md, "([^"]+)"', path.read_text(encoding="utf-8"))
+    ]
+    assert cited, "the library cites chapters/references.md by section"
+    assert all(section in headings for _, section in cited), [c for c in cited if c[1] not in headings]
+
 
 pytest.importorskip("nbclient", reason="executing the chapters needs nbclient (pip install -e '.[dev]')")
 pytest.importorskip("nbformat", reason="executing the chapters needs nbformat (pip install -e '.[dev]')")

@@ -2,7 +2,7 @@
 
 Samplers work in the VE parametrisation x = x0 + σ·ε (EDM, k-diffusion). The network was trained
 on VP inputs x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε at integer timesteps. The two are the same point up to
-a scale (REFERENCES.md, "VP vs VE"):
+a scale (chapters/references.md, "VP and VE"):
 
     σ² = (1 − ᾱ)/ᾱ   ⇔   ᾱ = 1/(1 + σ²),      x_t = √ᾱ · x = x/√(1 + σ²)
 

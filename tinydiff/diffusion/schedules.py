@@ -296,7 +296,7 @@ def get_sigmas(
     ``sigma_max`` caps where sampling starts (None: the schedule's own σ_max). An ε-predicting
     network's x0 estimate is x − σ·ε̂, so its error is σ times the ε error: started at the linear
     schedule's σ_max ≈ 157, the first steps' x0 estimates are mostly error and samples come out
-    broken (REFERENCES.md, "known traps"). Starting at σ ≈ 15 (Stable Diffusion's own σ_max) the
+    broken (chapters/references.md, "Traps the tests pin"). Starting at σ ≈ 15 (Stable Diffusion's own σ_max) the
     signal is already 1/15 of the noise. For the timestep spacings the cap keeps the steps among
     the training timesteps whose σ does not exceed it.
     """
