@@ -27,7 +27,7 @@ The maths, in the VE form x = x0 + σ ε (EDM, Karras et al. 2022). The probabil
     ddim        x ← D + √(σ'² − σ_up²)·ε̂ + σ_up·z,  ε̂ = (x − D)/σ                (DDIM eq. 12)
     ddpm        x ← D + (σ'/σ)²·(x − D) + σ'·√(1 − (σ'/σ)²)·z                  (DDPM eq. 6–7)
     euler_ancestral   Euler to σ_down, then add σ_up·z                      (k-diffusion)
-    lcm         x ← D, then re-noise: x ← D + σ'·z                (multistep consistency sampling)
+    lcm         x ← f(x, σ), then re-noise: x ← x + √(σ'² − σ_min²)·z   (multistep consistency sampling)
 
 where z ~ N(0, I) is fresh noise and σ' = sigmas[i+1].
 
@@ -45,9 +45,10 @@ DDPM in σ-space. In VE form the forward process is a Brownian motion, x_σ | x_
 x̂0 + (σ'/σ)²(x − x̂0), variance σ'²(σ² − σ'²)/σ². Over all T training σ this is Ho et al.'s
 Algorithm 2 with the posterior variance β̃_t; it also equals DDIM / Euler ancestral with η = 1.
 
-LCM (Luo et al. 2023). A consistency model maps any noisy point straight to x0; sampling
+LCM (Luo et al. 2023). A consistency model f maps any noisy point straight to x0; sampling
 alternates that jump with re-noising to the next, lower σ. The consistency boundary scalings
-(c_skip, c_out) belong to the denoiser of a distilled model, not to this loop.
+(c_skip, c_out) belong to the function f the loop is given (``consistency.ConsistencyFunction``
+around a distilled network), not to the loop.
 """
 
 from __future__ import annotations
@@ -166,15 +167,24 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, rng=None, callback=None):
 # ---------------------------------------------------------------------------------------------
 
 
+def ddim_step(x, denoised, sigma, sigma_next):
+    """The deterministic part of a DDIM step (eq. 12 with σ_η = 0): x̂0 + σ'·ε̂, ε̂ = (x − x̂0)/σ.
+
+    ``sigma`` and ``sigma_next`` are floats, or arrays that broadcast against x (B, 1, …, 1) for
+    a different step per sample (consistency distillation's teacher solve, ``train.lcm``).
+    """
+    eps = to_d(x, sigma, denoised)  # ε̂ = (x − x̂0)/σ, the noise the network sees in x
+    return denoised + sigma_next * eps
+
+
 def sample_ddim(denoiser, x, sigmas, *, rng=None, callback=None, eta: float = 0.0):
     """DDIM (Song et al. 2020, eq. 12 and 16) in σ-space; eta = 0 deterministic, eta = 1 DDPM-like."""
     generators = per_sample_generators(rng, x.shape[0]) if eta > 0 else None
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         denoised = denoiser(x, sigma)
         _report(callback, i, x, sigma, sigma_next, denoised)
-        eps = to_d(x, sigma, denoised)  # ε̂ = (x − x̂0)/σ, the noise the network sees in x
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = denoised + sigma_down * eps
+        x = ddim_step(x, denoised, sigma, sigma_down)
         if sigma_up > 0:
             x = x + sigma_up * _noise_like(generators, x)
     return x
@@ -206,15 +216,27 @@ def sample_ddpm(denoiser, x, sigmas, *, rng=None, callback=None):
     return x
 
 
-def sample_lcm(denoiser, x, sigmas, *, rng=None, callback=None):
-    """Multistep consistency sampling (LCM): jump to x̂0, re-noise to the next σ; returns the last x̂0."""
+def sample_lcm(denoiser, x, sigmas, *, rng=None, callback=None, sigma_min: float = 0.0):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM, Luo et al. 2023, Alg. 3).
+
+    ``denoiser`` must be a consistency function f(x, σ) (``consistency.ConsistencyFunction``
+    around a distilled network, ``train.lcm``): each step jumps to the clean estimate x̂ = f(x, σ)
+    and, unless it was the last step, re-noises it to the next level,
+
+        x ← x̂ + √(σ'² − σ_min²) · z,       z ~ N(0, I)                    (CM Algorithm 1, line 5)
+
+    where σ_min is the consistency boundary (f's output is a point at noise level σ_min, about
+    clean). With the denoiser D of an ordinary diffusion model instead of f this loop still runs,
+    but it is then just "jump to x̂0 and re-noise", not a consistency model. Returns the last x̂.
+    """
     generators = per_sample_generators(rng, x.shape[0])
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         denoised = denoiser(x, sigma)
         _report(callback, i, x, sigma, sigma_next, denoised)
         x = denoised
         if sigma_next > 0:
-            x = denoised + sigma_next * _noise_like(generators, x)
+            noise_level = math.sqrt(max(sigma_next**2 - sigma_min**2, 0.0))
+            x = denoised + noise_level * _noise_like(generators, x)
     return x
 
 
