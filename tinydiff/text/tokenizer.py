@@ -19,10 +19,23 @@ token per word is enough and every step stays visible:
 
 The vocabulary travels with the model as JSON (``to_json`` / ``from_json``), so a checkpoint
 decodes exactly the ids it was trained on.
+
+Helping a person who typed a prompt (the CLI uses these; the library itself never prints):
+
+* ``overflow_words`` / ``length_problem``: what truncation would drop, as a sentence, so that a
+  caller can refuse a long prompt instead of drawing only its start;
+* ``suggestions``: for a word outside the vocabulary, the known words that say the same thing.
+  ``SYNONYMS`` lists the common ones ("thick" → "bold", "slanted" → "leaning right" or "leaning
+  left"); otherwise a close spelling ("handwriten" → "handwritten"). Synonyms are only
+  *suggested*, never substituted: the model was trained on its own words, and the caller
+  decides what to do with an unknown one;
+* ``vocabulary_groups``: the vocabulary sorted into digits, number words, attributes and the
+  rest, for listing it (``tinydiff words``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import unicodedata
@@ -32,7 +45,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinydiff.text.captions import caption_vocabulary
+from tinydiff.text.captions import (
+    DIGIT_WORDS,
+    SIZE_WORDS,
+    SLANT_PHRASES,
+    THICKNESS_WORDS,
+    caption_vocabulary,
+)
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
@@ -42,6 +61,27 @@ FORMAT_VERSION = 1
 
 _TOKEN = re.compile(r"[^\W\d_]+|\d+")  # a run of letters, or a run of digits
 _DIGIT = re.compile(r"\d")  # a decimal digit of any script
+
+_LEANING = ("leaning right", "leaning left")
+# Words a person may type for what the captions say another way → the caption words to suggest
+# instead (first the likeliest). Only suggested, never substituted (see the module docstring).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("thick", "fat", "heavy", "dark", "bolder", "boldface"), ("bold",)),
+    **dict.fromkeys(("skinny", "slim", "slender", "narrow", "light", "faint", "thinner"), ("thin",)),
+    **dict.fromkeys(("tiny", "little", "mini", "smaller"), ("small",)),
+    **dict.fromkeys(("big", "huge", "giant", "larger", "bigger"), ("large",)),
+    **dict.fromkeys(("slanted", "slanting", "slant", "slanty", "tilted", "tilting", "tilt", "sloping",
+                     "inclined", "skewed", "lean", "leans", "oblique"), _LEANING),
+    "italic": ("leaning right",),  # italics lean right
+    **dict.fromkeys(("straight", "vertical", "erect"), ("standing upright",)),
+    **dict.fromkeys(("written", "drawn", "hand", "handwriting", "handdrawn", "scribbled", "scrawled"),
+                    ("handwritten",)),
+    **dict.fromkeys(("number", "numeral", "figure", "character"), ("digit",)),
+    **dict.fromkeys(("image", "photo", "drawing", "pic", "photograph", "sketch"), ("picture",)),
+    **{roman: (str(value),) for value, roman in enumerate(("", "i", "ii", "iii", "iv", "v", "vi", "vii",
+                                                          "viii", "ix")) if len(roman) > 1},
+}
+CLOSE_SPELLING = 0.75  # difflib similarity from which a known word counts as a likely typo
 
 
 def normalize(text: str) -> str:
@@ -121,6 +161,45 @@ class Tokenizer:
         mask = np.arange(length) <= eos_index[:, None]  # (B, L): positions up to <eos>
         return EncodedBatch(ids, mask, eos_index, unknown_words, truncated)
 
+    def overflow_words(self, text: str) -> list[str]:
+        """The words of ``text`` that ``encode`` would drop for lack of room ([] if it fits)."""
+        return split_words(text)[self.max_length - 2 :]
+
+    def length_problem(self, texts: str | Sequence[str]) -> str | None:
+        """None if every prompt fits; else one sentence about the first that does not: how many
+        words it has, the most that fit, and which words truncation would drop."""
+        for text in [texts] if isinstance(texts, str) else texts:
+            dropped = self.overflow_words(text)
+            if dropped:
+                limit = self.max_length - 2
+                return (f"the prompt has {limit + len(dropped)} words but the model reads at most {limit}; "
+                        f"it would drop {' '.join(dropped)!r}")
+        return None
+
+    def suggestions(self, word: str) -> list[str]:
+        """Known words or phrases to offer instead of ``word`` (normalised, outside the vocabulary).
+
+        The ``SYNONYMS`` entry whose words this vocabulary has, else the closest spelling of a
+        known word (difflib ratio ≥ ``CLOSE_SPELLING``), else nothing.
+        """
+        known = set(self.words)
+        offers = [p for p in SYNONYMS.get(word, ()) if set(p.split()) <= known]
+        if offers:
+            return offers
+        if word.isdigit():  # "17": one number token, not two digits
+            return []
+        return difflib.get_close_matches(word, self.words, n=1, cutoff=CLOSE_SPELLING)
+
+    def describe_unknown(self, word: str) -> str:
+        """``word`` quoted, with what to write instead when there is something to suggest:
+        "'fat' (did you mean 'bold'?)", "'17' (one digit, 0-9)", "'purple'"."""
+        offers = self.suggestions(word)
+        if offers:
+            return f"{word!r} (did you mean {' or '.join(repr(o) for o in offers)}?)"
+        if word.isdigit() and len(word) > 1 and set("0123456789") <= set(self.words):
+            return f"{word!r} (the model draws one digit, 0-9)"
+        return repr(word)
+
     def decode(self, ids: np.ndarray) -> list[str]:
         """Ids (B, L) back to text: words between <bos> and <eos>, "<unk>" for unknown ones."""
         names = SPECIAL_TOKENS + self.words
@@ -161,3 +240,25 @@ class Tokenizer:
     def from_json(cls, text: str) -> Tokenizer:
         """Rebuild a tokenizer from ``to_json`` output."""
         return cls.from_dict(json.loads(text))
+
+
+def vocabulary_groups(words: Sequence[str]) -> dict[str, list[str]]:
+    """The words of a vocabulary sorted for reading: digits, number words, attribute words (the
+    caption grammar's thickness, size and slant words) and the other words, each in vocabulary
+    order (number words from zero to nine, attributes as the grammar lists them: thin, bold,
+    small, large, leaning, left, ...). Groups with no words are left out."""
+    attribute_order = list(dict.fromkeys(
+        w for phrase in (*THICKNESS_WORDS, *SIZE_WORDS, *SLANT_PHRASES) for w in (phrase or "").split()))
+    groups: dict[str, list[str]] = {"digits": [], "number words": [], "attributes": [], "other words": []}
+    for word in words:
+        if word.isdigit():
+            groups["digits"].append(word)
+        elif word in DIGIT_WORDS:
+            groups["number words"].append(word)
+        elif word in attribute_order:
+            groups["attributes"].append(word)
+        else:
+            groups["other words"].append(word)
+    groups["number words"].sort(key=DIGIT_WORDS.index)
+    groups["attributes"].sort(key=attribute_order.index)
+    return {name: group for name, group in groups.items() if group}
