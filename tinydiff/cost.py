@@ -3,7 +3,7 @@
 **The counting convention.** One multiply-add is 2 FLOPs, and only the matrix products are
 counted, the work that dominates every network here:
 
-    Conv2d     2 · N · C_out · H_out · W_out · C_in · k_h · k_w      (one GEMM over im2col columns)
+    Conv2d     2 · N · C_out · H_out · W_out · C_in · k_h · k_w      (every output: C_in · k_h · k_w products)
     Linear     2 · rows · in_features · out_features                 (rows: every leading axis)
     Attention  2 · B · heads · L_q · L_k · (d + d_v)                 (S = QKᵀ and O = P V; Vaswani
                                                                       et al. 2017, eq. 1)
@@ -12,7 +12,9 @@ Normalisations, activations, the softmax, residual additions, biases and the sin
 embedding are not counted: each is a few operations per *activation*, where a product costs
 C_in · k_h · k_w (or in_features) per output. Papers differ here, most often by a factor 2:
 fvcore, which DiT's "Gflops" come from, counts one fused multiply-add as one flop, so a number
-quoted in MACs is half of ours (the chapter shows this for DiT-XL/2).
+quoted in MACs is half of ours (the chapter shows this for DiT-XL/2). The count is the layer's
+definition, not the arithmetic of one implementation: a Winograd convolution (``nn.fast_conv``)
+does fewer multiplications for the same output and is counted the same.
 
 **Counting a real forward pass.** ``count_flops(*models)`` wraps the ``forward`` of every Conv2d
 and Linear layer (the rules in ``FLOP_RULES``, keyed on the layer class) and the attention core
@@ -25,10 +27,12 @@ such. Any network built from these layers (the U-Net, a DiT, the autoencoder, th
 is counted without code of its own.
 
 **Counting from an architecture description.** ``unet_layers``, ``vae_encoder_layers``,
-``vae_decoder_layers``, ``text_encoder_layers`` and ``dit_layers`` list the same products from a few published
-numbers (channels, depth, resolution) with the same formulas, for networks too big to build here
-(Stable Diffusion 1.5, DiT-XL/2). The tests check them block by block against a counted forward
-pass of tinydiff's own networks, and their parameter counts against ``num_parameters()``.
+``vae_decoder_layers``, ``text_encoder_layers`` and ``dit_layers`` list the same products from a
+few published numbers (channels, depth, resolution) with the same formulas, for networks too big
+to build here (Stable Diffusion 1.5, DiT-XL/2). The tests check the U-Net, autoencoder and text
+encoder lists layer by layer against counted forward passes of tinydiff's own networks and their
+parameter counts against ``num_parameters()``; the SD 1.5 and DiT-XL/2 lists against the
+published parameter counts and, for DiT-XL/2, the Gflops of its paper.
 
 **Per image.** A sampler calls the denoiser ``sampler_calls(name, steps)`` times; with
 classifier-free guidance each call runs on 2 rows (unconditional and conditional, one batch:
