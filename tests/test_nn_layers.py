@@ -237,6 +237,63 @@ def test_manual_seed_makes_initialisation_reproducible():
     assert not np.array_equal(a["proj.weight"], c["proj.weight"])
 
 
+def _tiny_models():
+    """name → build(seed) for every model with seeded initial weights, at toy sizes."""
+    from tinydiff.models import CLIP, AutoencoderConfig, AutoencoderKL, CLIPConfig, ImageEncoder, ImageEncoderConfig
+    from tinydiff.models import TextEncoder, TextEncoderConfig, UNet, UNetConfig
+    from tinydiff.models.classifier import ClassifierConfig, DigitClassifier
+    from tinydiff.train.pixel_digits import PixelDigitModel
+
+    unet = UNetConfig(sample_size=8, block_channels=(8, 16), attention_levels=(False, True), context_dim=6,
+                      context_length=3, learned_null_context=True, heads=2, dim_head=4, groups=4, time_embed_dim=16)
+    text = TextEncoderConfig(width=16, layers=1, heads=2, projection_dim=8)
+    image = ImageEncoderConfig(channels=(8, 8, 8, 8), groups=4, projection_dim=8)
+    return {
+        "unet": lambda seed: UNet(unet, seed=seed),
+        "autoencoder": lambda seed: AutoencoderKL(AutoencoderConfig(block_channels=(4, 8, 8), groups=2), seed=seed),
+        "classifier": lambda seed: DigitClassifier(ClassifierConfig(channels=(4, 4, 8, 8), groups=2), seed=seed),
+        "text_encoder": lambda seed: TextEncoder(text, seed=seed),
+        "image_encoder": lambda seed: ImageEncoder(image, seed=seed),
+        "clip": lambda seed: CLIP(CLIPConfig(text, image), seed=seed),
+        "pixel_digits": lambda seed: PixelDigitModel(unet, seed=seed),
+    }
+
+
+TINY_MODELS = _tiny_models()
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_a_models_initial_weights_depend_on_its_seed_only(name):
+    build = TINY_MODELS[name]
+    first = build(3).state_dict()
+    manual_seed(11)  # whatever happened before must not matter: other layers, other models
+    Linear(4, 4), build(4), Embedding(5, 2)
+    again = build(3).state_dict()
+    assert list(again) == list(first)
+    assert all(np.array_equal(first[k], again[k]) for k in first), [k for k in first if not np.array_equal(first[k], again[k])]
+    other = build(4).state_dict()
+    assert not all(np.array_equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_building_a_model_leaves_the_default_generator_alone(name):
+    # regression: a model's constructor used to reseed the generator every layer draws from, so
+    # a layer built after a model had that model's seed's weights, whatever manual_seed said
+    manual_seed(5)
+    expected = Linear(4, 4).weight.data.copy()
+    manual_seed(5)
+    TINY_MODELS[name](0)
+    np.testing.assert_array_equal(Linear(4, 4).weight.data, expected)
+
+
+def test_a_generator_passed_to_a_model_is_the_one_its_seed_would_make():
+    from tinydiff.models import UNet, UNetConfig
+
+    config = UNetConfig(sample_size=8, block_channels=(8, 16), attention_levels=(False, True), groups=4)
+    a, b = UNet(config, seed=9).state_dict(), UNet(config, generator=rng(9)).state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_state_dict_round_trip_reproduces_outputs():
     manual_seed(1)
     src = Sequential([Linear(3, 5), GELU(), LayerNorm(5), Linear(5, 2)])

@@ -57,10 +57,10 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..backend import backend_of, get_xp, to_device
+from ..backend import backend_of, get_xp, rng, to_device
 from ..config import ConfigMixin
 from ..nn import (
-    Conv2d, GroupNorm, Module, ModuleList, SiLU, gaussian_kl, is_grad_enabled, manual_seed, mse_loss, no_grad,
+    Conv2d, GroupNorm, Module, ModuleList, SiLU, gaussian_kl, is_grad_enabled, mse_loss, no_grad,
 )
 from .blocks import Downsample2D, ResBlock, Upsample2D
 
@@ -192,9 +192,11 @@ class ResnetLevel(Module):
     ResBlocks without a time embedding, then an optional resampler (Downsample2D, Upsample2D or
     None). forward(h) → h; backward(dh) → dh."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_resnets: int, groups: int, resample=None):
+    def __init__(self, in_channels: int, out_channels: int, num_resnets: int, groups: int, resample=None, *,
+                 generator=None):
         self.resnets = ModuleList(
-            [ResBlock(in_channels if i == 0 else out_channels, out_channels, None, groups) for i in range(num_resnets)]
+            [ResBlock(in_channels if i == 0 else out_channels, out_channels, None, groups, generator=generator)
+             for i in range(num_resnets)]
         )
         self.resample = resample
 
@@ -214,17 +216,18 @@ class ResnetLevel(Module):
 class Encoder(Module):
     """x (B, C_img, H, W) → moments (B, 2·latent_channels, H/f, W/f): μ and the raw log σ²."""
 
-    def __init__(self, config: AutoencoderConfig):
-        ch, n, g = config.block_channels, config.layers_per_block, config.groups
-        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
+    def __init__(self, config: AutoencoderConfig, *, generator=None):
+        ch, n, g, gen = config.block_channels, config.layers_per_block, config.groups, generator
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1, generator=gen)
         self.down_blocks = ModuleList([
-            ResnetLevel(ch[max(level - 1, 0)], c, n, g, Downsample2D(c) if level < len(ch) - 1 else None)
+            ResnetLevel(ch[max(level - 1, 0)], c, n, g, Downsample2D(c, generator=gen) if level < len(ch) - 1 else None,
+                        generator=gen)  # the resampler (an argument) draws its weights first
             for level, c in enumerate(ch)
         ])
-        self.mid_block = ResnetLevel(ch[-1], ch[-1], 1, g)
+        self.mid_block = ResnetLevel(ch[-1], ch[-1], 1, g, generator=gen)
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_act = SiLU()
-        self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1, generator=gen)
 
     def forward(self, x):
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -244,18 +247,19 @@ class Encoder(Module):
 class Decoder(Module):
     """z (B, latent_channels, h, w) → x̂ (B, C_img, f·h, f·w): the encoder's mirror image."""
 
-    def __init__(self, config: AutoencoderConfig):
-        ch, n, g = config.block_channels, config.layers_per_block, config.groups
-        self.conv_in = Conv2d(config.latent_channels, ch[-1], 3, padding=1)
-        self.mid_block = ResnetLevel(ch[-1], ch[-1], 1, g)
+    def __init__(self, config: AutoencoderConfig, *, generator=None):
+        ch, n, g, gen = config.block_channels, config.layers_per_block, config.groups, generator
+        self.conv_in = Conv2d(config.latent_channels, ch[-1], 3, padding=1, generator=gen)
+        self.mid_block = ResnetLevel(ch[-1], ch[-1], 1, g, generator=gen)
         levels = list(reversed(range(len(ch))))  # deepest first: 2, 1, 0
         self.up_blocks = ModuleList([
-            ResnetLevel(ch[min(level + 1, len(ch) - 1)], ch[level], n, g, Upsample2D(ch[level]) if level > 0 else None)
+            ResnetLevel(ch[min(level + 1, len(ch) - 1)], ch[level], n, g,
+                        Upsample2D(ch[level], generator=gen) if level > 0 else None, generator=gen)
             for level in levels
         ])
         self.conv_norm_out = GroupNorm(g, ch[0])
         self.conv_act = SiLU()
-        self.conv_out = Conv2d(ch[0], config.in_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], config.in_channels, 3, padding=1, generator=gen)
 
     def forward(self, z):
         h = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
@@ -283,11 +287,11 @@ class AutoencoderKL(Module):
     the autoencoder frozen, never backpropagating into it.
     """
 
-    def __init__(self, config: AutoencoderConfig | None = None, seed: int = 0):
-        manual_seed(seed)  # the initial weights depend on the seed only
+    def __init__(self, config: AutoencoderConfig | None = None, seed: int = 0, *, generator=None):
+        gen = rng(seed) if generator is None else generator  # the initial weights depend on the seed only
         self.config = config or AutoencoderConfig()
-        self.encoder = Encoder(self.config)
-        self.decoder = Decoder(self.config)
+        self.encoder = Encoder(self.config, generator=gen)
+        self.decoder = Decoder(self.config, generator=gen)
 
     # -- input checks ----------------------------------------------------------------------
     def _check(self, x, channels: int, what: str) -> None:

@@ -50,17 +50,18 @@ class ResBlock(Module):
     no temb and backward returns (dx, None).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, *, generator=None):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = GroupNorm(groups, in_channels)
         self.act1 = SiLU()
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, generator=generator)
         self.time_act = SiLU() if temb_channels is not None else None
-        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.time_emb_proj = Linear(temb_channels, out_channels, generator=generator) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups, out_channels)
         self.act2 = SiLU()
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, generator=generator)
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, generator=generator)
+                              if in_channels != out_channels else None)
 
     def forward(self, x, temb=None):
         if (temb is None) != (self.time_emb_proj is None):
@@ -93,16 +94,16 @@ class TransformerBlock(Module):
     forward(x, context=None, mask=None) → (B, L, dim); backward(dout) → (dx, dcontext or None).
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, *, generator=None):
         self.norm1 = LayerNorm(dim)
-        self.attn1 = Attention(dim, None, heads, dim_head)
+        self.attn1 = Attention(dim, None, heads, dim_head, generator=generator)
         if context_dim is not None:
             self.norm2 = LayerNorm(dim)
-            self.attn2 = Attention(dim, context_dim, heads, dim_head)
+            self.attn2 = Attention(dim, context_dim, heads, dim_head, generator=generator)
         else:
             self.norm2 = self.attn2 = None
         self.norm3 = LayerNorm(dim)
-        self.ff = Sequential([Linear(dim, 4 * dim), GELU(), Linear(4 * dim, dim)])
+        self.ff = Sequential([Linear(dim, 4 * dim, generator=generator), GELU(), Linear(4 * dim, dim, generator=generator)])
 
     def forward(self, x, context=None, mask=None):
         if context is not None and self.attn2 is None:
@@ -134,12 +135,13 @@ class SpatialTransformer(Module):
     → (B, C, H, W); backward(dout) → (dx, dcontext or None).
     """
 
-    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int | None, groups: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int | None, groups: int, *,
+                 generator=None):
         inner = heads * dim_head
         self.norm = GroupNorm(groups, channels)
-        self.proj_in = Linear(channels, inner)
-        self.transformer_blocks = ModuleList([TransformerBlock(inner, heads, dim_head, context_dim)])
-        self.proj_out = Linear(inner, channels)
+        self.proj_in = Linear(channels, inner, generator=generator)
+        self.transformer_blocks = ModuleList([TransformerBlock(inner, heads, dim_head, context_dim, generator=generator)])
+        self.proj_out = Linear(inner, channels, generator=generator)
 
     def forward(self, x, context=None, mask=None):
         b, c, h, w = x.shape
@@ -167,8 +169,8 @@ class SpatialTransformer(Module):
 class Downsample2D(Module):
     """Halve H and W with a learned 3×3 convolution of stride 2 (padding 1)."""
 
-    def __init__(self, channels: int):
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+    def __init__(self, channels: int, *, generator=None):
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1, generator=generator)
 
     def forward(self, x):
         return self.conv(x)
@@ -180,9 +182,9 @@ class Downsample2D(Module):
 class Upsample2D(Module):
     """Double H and W: nearest-neighbour 2× (no parameters), then a 3×3 convolution to smooth."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, *, generator=None):
         self.upsample = Upsample(scale_factor=2, mode="nearest")
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1, generator=generator)
 
     def forward(self, x):
         return self.conv(self.upsample(x))

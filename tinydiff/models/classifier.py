@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import backend_of, get_xp, to_device, to_numpy
+from ..backend import backend_of, get_xp, rng, to_device, to_numpy
 from ..config import ConfigMixin
-from ..nn import Conv2d, GroupNorm, Linear, Module, Sequential, SiLU, manual_seed, no_grad
+from ..nn import Conv2d, GroupNorm, Linear, Module, Sequential, SiLU, no_grad
 
 
 @dataclass
@@ -56,17 +56,17 @@ class DigitClassifier(Module):
     """
 
     def __init__(self, config: ClassifierConfig | None = None, seed: int = 0):
-        manual_seed(seed)  # the initial weights depend on the seed only
+        gen = rng(seed)  # the initial weights depend on the seed only
         self.config = config = config or ClassifierConfig()
         ch = config.channels
-        layers = [Conv2d(config.in_channels, ch[0], 3, padding=1)]
+        layers = [Conv2d(config.in_channels, ch[0], 3, padding=1, generator=gen)]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
-            layers += [GroupNorm(config.groups, c_in), SiLU(), Conv2d(c_in, c_out, 3, stride=2, padding=1)]
+            layers += [GroupNorm(config.groups, c_in), SiLU(), Conv2d(c_in, c_out, 3, stride=2, padding=1, generator=gen)]
         layers += [GroupNorm(config.groups, ch[-1]), SiLU()]
         self.trunk = Sequential(layers)
-        self.fc = Linear(ch[-1], config.feature_dim)
+        self.fc = Linear(ch[-1], config.feature_dim, generator=gen)
         self.act = SiLU()
-        self.head = Linear(config.feature_dim, config.num_classes)
+        self.head = Linear(config.feature_dim, config.num_classes, generator=gen)
 
     def _features(self, x):
         """x (N, C, 32, 32) → penultimate features f (N, feature_dim), keeping caches."""

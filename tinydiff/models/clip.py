@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import DEFAULT_DTYPE, backend_of, get_xp, to_device, to_numpy
+from ..backend import DEFAULT_DTYPE, backend_of, get_xp, rng, to_device, to_numpy
 from ..config import ConfigMixin
 from ..nn import (
     GELU, Attention, Conv2d, Embedding, GroupNorm, LayerNorm, Linear, Module, ModuleList, Parameter,
     Sequential, SiLU, info_nce_loss, no_grad,
 )
-from ..nn.module import init_generator
 from ..text.tokenizer import DEFAULT_MAX_LENGTH, Tokenizer
 
 CAPTION_VOCAB_SIZE = Tokenizer.from_captions().vocab_size  # ids of the caption tokenizer
@@ -99,11 +98,12 @@ class CLIPConfig(ConfigMixin):
 class TextTransformerBlock(Module):
     """Pre-LN block:  x ← x + Attn(LN₁(x));  x ← x + MLP(LN₂(x)),  MLP = Linear·GELU·Linear."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, *, generator=None):
         self.ln_1 = LayerNorm(width)
-        self.attn = Attention(width, heads=heads, dim_head=width // heads)
+        self.attn = Attention(width, heads=heads, dim_head=width // heads, generator=generator)
         self.ln_2 = LayerNorm(width)
-        self.mlp = Sequential([Linear(width, mlp_ratio * width), GELU(), Linear(mlp_ratio * width, width)])
+        self.mlp = Sequential([Linear(width, mlp_ratio * width, generator=generator), GELU(),
+                               Linear(mlp_ratio * width, width, generator=generator)])
 
     def forward(self, x, mask):
         x = x + self.attn(self.ln_1(x), mask=mask)
@@ -122,20 +122,24 @@ class TextEncoder(Module):
     L ≤ max_length). The pooled output is read at the last real token, <eos>, at index
     mask.sum − 1. backward(d_hidden, d_pooled) takes either upstream gradient (or both; None
     for one that is not used) and returns None: integer ids have no gradient.
+
+    The initial weights come from a generator made from ``seed``, or from ``generator`` (CLIP
+    passes its own, so that one seed fixes both encoders).
     """
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, seed: int = 0, *, generator=None):
+        gen = rng(seed) if generator is None else generator
         self.config = config
         d = config.width
-        self.token_embedding = Embedding(config.vocab_size, d)
+        self.token_embedding = Embedding(config.vocab_size, d, generator=gen)
         self.token_embedding.weight.data *= 0.02  # CLIP's initialisation: N(0, 0.02²)
-        positions = 0.01 * init_generator().standard_normal((config.max_length, d))  # CLIP: N(0, 0.01²)
+        positions = 0.01 * gen.standard_normal((config.max_length, d))  # CLIP: N(0, 0.01²)
         self.positional_embedding = Parameter(to_device(positions.astype(DEFAULT_DTYPE)))
         self.blocks = ModuleList(
-            TextTransformerBlock(d, config.heads, config.mlp_ratio) for _ in range(config.layers)
+            TextTransformerBlock(d, config.heads, config.mlp_ratio, generator=gen) for _ in range(config.layers)
         )
         self.ln_final = LayerNorm(d)
-        self.text_projection = Linear(d, config.projection_dim, bias=False)
+        self.text_projection = Linear(d, config.projection_dim, bias=False, generator=gen)
 
     def forward(self, ids, mask):
         backend = backend_of(self.positional_embedding.data)
@@ -190,17 +194,19 @@ class ImageEncoder(Module):
     (halving the size), then GroupNorm, SiLU. With channels (16, 32, 64, 64) the maps are
     16×32×32 → 32×16×16 → 64×8×8 → 64×4×4. Global average pool: p = mean over (H, W) of the last
     map, (B, c_last); backward spreads dp/(H·W) over every pixel. proj: Linear(c_last → E).
+    Initial weights: from ``seed``, or from ``generator`` (as TextEncoder).
     """
 
-    def __init__(self, config: ImageEncoderConfig):
+    def __init__(self, config: ImageEncoderConfig, seed: int = 0, *, generator=None):
+        gen = rng(seed) if generator is None else generator
         self.config = config
         ch = config.channels
-        layers = [Conv2d(config.in_channels, ch[0], 3, padding=1)]
+        layers = [Conv2d(config.in_channels, ch[0], 3, padding=1, generator=gen)]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
-            layers += [GroupNorm(config.groups, c_in), SiLU(), Conv2d(c_in, c_out, 3, stride=2, padding=1)]
+            layers += [GroupNorm(config.groups, c_in), SiLU(), Conv2d(c_in, c_out, 3, stride=2, padding=1, generator=gen)]
         layers += [GroupNorm(config.groups, ch[-1]), SiLU()]
         self.layers = Sequential(layers)
-        self.proj = Linear(ch[-1], config.projection_dim)
+        self.proj = Linear(ch[-1], config.projection_dim, generator=gen)
 
     def forward(self, x):
         h = self.layers(x)  # (B, c_last, H', W')
@@ -227,10 +233,11 @@ class CLIP(Module):
     embeddings (not normalised) for evaluation, without keeping caches.
     """
 
-    def __init__(self, config: CLIPConfig | None = None):
+    def __init__(self, config: CLIPConfig | None = None, seed: int = 0):
+        gen = rng(seed)  # one generator for both encoders: the initial weights depend on the seed only
         self.config = config or CLIPConfig()
-        self.text = TextEncoder(self.config.text)
-        self.image = ImageEncoder(self.config.image)
+        self.text = TextEncoder(self.config.text, generator=gen)
+        self.image = ImageEncoder(self.config.image, generator=gen)
         # log s, CLIP's ``logit_scale``: a 0-d parameter so that the optimiser trains it too.
         self.log_scale = Parameter(to_device(np.array(self.config.log_scale_init, dtype=DEFAULT_DTYPE)))
 

@@ -43,10 +43,10 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 class TimestepEmbedding(Module):
     """The learned time MLP: (B, in_dim) sinusoids → Linear → SiLU → Linear → (B, time_embed_dim)."""
 
-    def __init__(self, in_dim: int, time_embed_dim: int):
-        self.linear_1 = Linear(in_dim, time_embed_dim)
+    def __init__(self, in_dim: int, time_embed_dim: int, *, generator=None):
+        self.linear_1 = Linear(in_dim, time_embed_dim, generator=generator)
         self.act = SiLU()
-        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, time_embed_dim, generator=generator)
 
     def forward(self, emb):
         return self.linear_2(self.act(self.linear_1(emb)))

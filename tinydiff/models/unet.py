@@ -41,10 +41,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..backend import DEFAULT_DTYPE, get_xp, to_device
+from ..backend import DEFAULT_DTYPE, get_xp, rng, to_device
 from ..config import ConfigMixin
-from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU, manual_seed
-from ..nn.module import init_generator
+from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU
 from .blocks import Downsample2D, ResBlock, SpatialTransformer, TransformerBlock, Upsample2D, add_grads
 from .embeddings import TimestepEmbedding, timestep_embedding
 
@@ -99,11 +98,12 @@ class _ResAttnBlock(Module):
     """Shared by the down and up blocks: layer i is ``resnets[i]`` then, at attention levels,
     ``attentions[i]``. The helpers return the gradients (dh, dtemb, dcontext) of one layer."""
 
-    def _build(self, config: UNetConfig, in_channels: list[int], out_channels: int, attention: bool):
+    def _build(self, config: UNetConfig, in_channels: list[int], out_channels: int, attention: bool, generator):
         tc = config.time_embed_dim
-        self.resnets = ModuleList([ResBlock(c, out_channels, tc, config.groups) for c in in_channels])
+        self.resnets = ModuleList([ResBlock(c, out_channels, tc, config.groups, generator=generator) for c in in_channels])
         self.attentions = ModuleList(
-            [SpatialTransformer(out_channels, config.heads, config.dim_head, config.context_dim, config.groups)
+            [SpatialTransformer(out_channels, config.heads, config.dim_head, config.context_dim, config.groups,
+                                generator=generator)
              for _ in in_channels] if attention else []
         )
 
@@ -125,10 +125,11 @@ class DownBlock(_ResAttnBlock):
     """One level going down: layers_per_block × (Res[→Tf]), then Downsample except at the last level.
     Every output (each layer's and the downsample's) is pushed onto the skip stack."""
 
-    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, attention: bool, downsample: bool):
+    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, attention: bool, downsample: bool, *,
+                 generator=None):
         n = config.layers_per_block
-        self._build(config, [in_channels] + [out_channels] * (n - 1), out_channels, attention)
-        self.downsamplers = ModuleList([Downsample2D(out_channels)] if downsample else [])
+        self._build(config, [in_channels] + [out_channels] * (n - 1), out_channels, attention, generator)
+        self.downsamplers = ModuleList([Downsample2D(out_channels, generator=generator)] if downsample else [])
         self.skip_channels = [out_channels] * (n + len(self.downsamplers))  # channels of what it pushes
 
     def forward(self, h, temb, context, mask, skips: list):
@@ -156,11 +157,11 @@ class UpBlock(_ResAttnBlock):
     except at the last (full-resolution) level."""
 
     def __init__(self, config: UNetConfig, in_channels: int, skip_channels: list[int], out_channels: int,
-                 attention: bool, upsample: bool):
+                 attention: bool, upsample: bool, *, generator=None):
         self.skip_channels = skip_channels  # channels of the skips it pops, in pop order
         ins = [(in_channels if i == 0 else out_channels) + c for i, c in enumerate(skip_channels)]
-        self._build(config, ins, out_channels, attention)
-        self.upsamplers = ModuleList([Upsample2D(out_channels)] if upsample else [])
+        self._build(config, ins, out_channels, attention, generator)
+        self.upsamplers = ModuleList([Upsample2D(out_channels, generator=generator)] if upsample else [])
 
     def forward(self, h, temb, context, mask, skips: list):
         xp = get_xp(h)
@@ -189,10 +190,12 @@ class UpBlock(_ResAttnBlock):
 class MidBlock(Module):
     """The bottleneck at the lowest resolution: Res → Tf → Res."""
 
-    def __init__(self, config: UNetConfig, channels: int):
+    def __init__(self, config: UNetConfig, channels: int, *, generator=None):
         tc, g = config.time_embed_dim, config.groups
-        self.resnets = ModuleList([ResBlock(channels, channels, tc, g), ResBlock(channels, channels, tc, g)])
-        self.attentions = ModuleList([SpatialTransformer(channels, config.heads, config.dim_head, config.context_dim, g)])
+        self.resnets = ModuleList([ResBlock(channels, channels, tc, g, generator=generator),
+                                   ResBlock(channels, channels, tc, g, generator=generator)])
+        self.attentions = ModuleList([SpatialTransformer(channels, config.heads, config.dim_head, config.context_dim, g,
+                                                         generator=generator)])
 
     def forward(self, h, temb, context, mask):
         h = self.resnets[0](h, temb)
@@ -214,38 +217,41 @@ def _named_modules(module: Module, prefix: str = ""):
 
 
 class UNet(Module):
-    """UNet(config, seed=0): see the module docstring.
+    """UNet(config, seed=0): see the module docstring. The initial weights are drawn from a
+    generator made from ``seed`` (or from ``generator``, when a larger model passes its own).
 
     forward(x (B, C_in, H, W), t (B,) floats or one scalar, context (B, L, context_dim) or None,
     context_mask (B, L) bool (True = a real token) or None) → (B, C_out, H, W).
     backward(dout) → (dx, dcontext), dcontext None without context; parameter grads are added (+=).
     """
 
-    def __init__(self, config: UNetConfig, seed: int = 0):
-        manual_seed(seed)  # the initial weights depend on the seed only
+    def __init__(self, config: UNetConfig, seed: int = 0, *, generator=None):
+        gen = rng(seed) if generator is None else generator  # the initial weights depend on the seed only
         self.config = config
         chans, levels = config.block_channels, len(config.block_channels)
-        self.time_embedding = TimestepEmbedding(chans[0], config.time_embed_dim)
-        self.conv_in = Conv2d(config.in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], config.time_embed_dim, generator=gen)
+        self.conv_in = Conv2d(config.in_channels, chans[0], 3, padding=1, generator=gen)
         skip_channels = [chans[0]]  # conv_in's output is the first skip
         self.down_blocks = ModuleList()
         for level, out_ch in enumerate(chans):
-            block = DownBlock(config, chans[max(level - 1, 0)], out_ch, config.attention_levels[level], level < levels - 1)
+            block = DownBlock(config, chans[max(level - 1, 0)], out_ch, config.attention_levels[level], level < levels - 1,
+                              generator=gen)
             skip_channels += block.skip_channels
             self.down_blocks.append(block)
-        self.mid_block = MidBlock(config, chans[-1])
+        self.mid_block = MidBlock(config, chans[-1], generator=gen)
         self.up_blocks = ModuleList()
         for level in reversed(range(levels)):
             pops = [skip_channels.pop() for _ in range(config.layers_per_block + 1)]
             in_ch = chans[min(level + 1, levels - 1)]  # what the level below (or the mid block) outputs
-            self.up_blocks.append(UpBlock(config, in_ch, pops, chans[level], config.attention_levels[level], level > 0))
+            self.up_blocks.append(UpBlock(config, in_ch, pops, chans[level], config.attention_levels[level], level > 0,
+                                          generator=gen))
         self.conv_norm_out = GroupNorm(config.groups, chans[0])
         self.conv_act = SiLU()
-        self.conv_out = Conv2d(chans[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[0], config.out_channels, 3, padding=1, generator=gen)
         self.null_embedding = None
         if config.learned_null_context:
             shape = (config.context_length, config.context_dim)  # small random start, like GPT-2's embeddings
-            self.null_embedding = Parameter(to_device(0.02 * init_generator().standard_normal(shape), dtype=DEFAULT_DTYPE))
+            self.null_embedding = Parameter(to_device(0.02 * gen.standard_normal(shape), dtype=DEFAULT_DTYPE))
 
     # -- forward and backward --------------------------------------------------------------
     def forward(self, x, t, context=None, context_mask=None):

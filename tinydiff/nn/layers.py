@@ -3,6 +3,11 @@
 Each ``forward`` checks its input (rank, features, dtype, backend) so a mistake is reported in
 the layer's own words, keeps its cache (unless in ``no_grad()``), and each ``backward`` adds into
 its parameters' ``.grad`` and returns the input gradient.
+
+Layers with random initial values (Linear, Conv2d, Embedding, Attention, and Dropout's mask
+seed) take ``generator=``, the NumPy Generator to draw them from: a model makes one from its
+seed and passes it to every layer it builds. Without one they draw from the default generator
+(``module.init_generator()``, reset by ``manual_seed``).
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from .module import Module, Parameter, init_generator, uniform_init
 class Linear(Module):
     """y = x Wᵀ + b.  weight (out_features, in_features), bias (out_features,)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, generator=None):
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = Parameter(uniform_init((out_features, in_features), bound))
-        self.bias = Parameter(uniform_init((out_features,), bound)) if bias else None
+        self.weight = Parameter(uniform_init((out_features, in_features), bound, generator))
+        self.bias = Parameter(uniform_init((out_features,), bound, generator)) if bias else None
 
     def forward(self, x):
         self._check_input(x, None, self.in_features, -1, "(..., in_features)")
@@ -44,13 +49,13 @@ class Conv2d(Module):
     Runs ``fast_conv``'s pair, or the reference pair of ``conv`` under ``backend.use_reference()``;
     backward uses the pair its forward pass used."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, *, generator=None):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.padding = stride, padding
         bound = 1.0 / math.sqrt(in_channels * kh * kw)
-        self.weight = Parameter(uniform_init((out_channels, in_channels, kh, kw), bound))
-        self.bias = Parameter(uniform_init((out_channels,), bound)) if bias else None
+        self.weight = Parameter(uniform_init((out_channels, in_channels, kh, kw), bound, generator))
+        self.bias = Parameter(uniform_init((out_channels,), bound, generator)) if bias else None
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels, 1, "(N, C, H, W)")
@@ -130,9 +135,9 @@ class LayerNorm(Module):
 class Embedding(Module):
     """Embedding(num_embeddings, embedding_dim): weight (num_embeddings, embedding_dim) ~ N(0, 1)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, generator=None):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        w = init_generator().standard_normal((num_embeddings, embedding_dim)).astype(DEFAULT_DTYPE)
+        w = init_generator(generator).standard_normal((num_embeddings, embedding_dim)).astype(DEFAULT_DTYPE)
         self.weight = Parameter(default_xp().asarray(w))
 
     def forward(self, ids):
@@ -198,11 +203,11 @@ class Dropout(Module):
     """Dropout(p). Its mask comes from its own CPU generator (``self.generator``), seeded from the
     initialisation generator, so a seeded model drops the same units on either backend."""
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.5, *, generator=None):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability must be in [0, 1), got {p}")
         self.p = p
-        self.generator = rng(int(init_generator().integers(2**63)))
+        self.generator = rng(int(init_generator(generator).integers(2**63)))
 
     def forward(self, x):
         out, cache = F.dropout_forward(x, self.p, self.generator, self.training)
@@ -225,14 +230,15 @@ class Attention(Module):
     attention probabilities (B, heads, L, Lc) on every forward (for attention maps).
     """
 
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, dim_head: int = 32):
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, dim_head: int = 32, *,
+                 generator=None):
         self.query_dim, self.heads, self.dim_head = query_dim, heads, dim_head
         self.context_dim = context_dim if context_dim is not None else query_dim
         inner = heads * dim_head
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(self.context_dim, inner, bias=False)
-        self.to_v = Linear(self.context_dim, inner, bias=False)
-        self.to_out = Linear(inner, query_dim)
+        self.to_q = Linear(query_dim, inner, bias=False, generator=generator)
+        self.to_k = Linear(self.context_dim, inner, bias=False, generator=generator)
+        self.to_v = Linear(self.context_dim, inner, bias=False, generator=generator)
+        self.to_out = Linear(inner, query_dim, generator=generator)
         self.probs_callback = None
 
     def _split_heads(self, t):

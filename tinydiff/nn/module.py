@@ -42,28 +42,34 @@ def no_grad():
 
 
 # --------------------------------------------------------------------------- seeded init
+#
+# A model's initial weights come from a generator it makes from its seed and hands to each of
+# its layers in turn (``UNet(config, seed=3)``, ``Linear(..., generator=g)``), so they depend on
+# the seed only, never on what was built before. A layer built on its own, without a generator,
+# draws from the default one below, which ``manual_seed`` resets (like ``torch.manual_seed``).
 
-_init_generator = rng(0)
+_default_generator = rng(0)
 
 
 def manual_seed(seed: int) -> None:
-    """Seed the generator that initialises new layers (like ``torch.manual_seed``)."""
-    global _init_generator
-    _init_generator = rng(seed)
+    """Seed the default generator: the one layers built without a ``generator`` draw from."""
+    global _default_generator
+    _default_generator = rng(seed)
 
 
-def init_generator():
-    """The CPU generator new layers draw their initial weights from."""
-    return _init_generator
+def init_generator(generator=None):
+    """The CPU generator a new layer draws its initial weights from: ``generator`` if given,
+    else the default one (``manual_seed``)."""
+    return _default_generator if generator is None else generator
 
 
-def uniform_init(shape, bound: float):
-    """U(−bound, bound) drawn on the CPU, float32 on the default backend.
+def uniform_init(shape, bound: float, generator=None):
+    """U(−bound, bound) drawn on the CPU from ``init_generator(generator)``, float32 on the default backend.
 
     PyTorch's default for Linear and Conv2d weights and biases is bound = 1/√fan_in
     (kaiming_uniform with a = √5 gives exactly that for the weight).
     """
-    return to_device(_init_generator.uniform(-bound, bound, size=shape).astype(DEFAULT_DTYPE))
+    return to_device(init_generator(generator).uniform(-bound, bound, size=shape).astype(DEFAULT_DTYPE))
 
 
 # --------------------------------------------------------------------------- parameters

@@ -36,7 +36,6 @@ from ..backend import backend_of, to_device
 from ..data.mnist import load_mnist, step_batches, to_model_range, train_test_split
 from ..io import load_checkpoint
 from ..models.clip import CLIP, CLIPConfig
-from ..nn import manual_seed
 from ..text.captions import assign_attributes, fit_thresholds, measure_images, sample_captions
 from ..text.tokenizer import Tokenizer
 from .loop import LoopConfig, checkpoint_weights, train_loop
@@ -102,8 +101,7 @@ def train_clip(
         )
     loop = loop or default_loop()
     data = data if data is not None else load_captioned_mnist()[0]
-    manual_seed(loop.seed)  # the initial weights, too, are fixed by the seed
-    model = CLIP(config)
+    model = CLIP(config, seed=loop.seed)  # the initial weights, too, are fixed by the seed
     batch_at = step_batches(len(data.labels), batch_size, loop.seed + 1)
 
     def compute_grads(step: int, generator: np.random.Generator) -> tuple[float, dict]:

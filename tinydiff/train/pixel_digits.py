@@ -19,7 +19,7 @@ import numpy as np
 
 from ..data.mnist import load_mnist, to_model_range, train_test_split
 from ..diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
-from ..backend import backend_of, to_device
+from ..backend import backend_of, rng, to_device
 from ..models.unet import UNet, UNetConfig
 from ..nn import Embedding, Module, no_grad
 from .diffusion import DiffusionTrainingConfig, LabelConditioning, diffusion_grads
@@ -78,8 +78,9 @@ class PixelDigitModel(Module):
     """The U-Net and the label embedding it is conditioned on, trained and saved together."""
 
     def __init__(self, config: UNetConfig | None = None, seed: int = 0):
-        self.unet = UNet(config or pixel_unet_config(), seed=seed)
-        self.label_embedding = Embedding(NUM_CLASSES, self.unet.config.context_dim)
+        generator = rng(seed)  # one generator for both: the initial weights depend on the seed only
+        self.unet = UNet(config or pixel_unet_config(), generator=generator)
+        self.label_embedding = Embedding(NUM_CLASSES, self.unet.config.context_dim, generator=generator)
 
     def context(self, labels):
         """(B,) digit labels → (B, 1, D) one-token contexts."""
