@@ -109,7 +109,8 @@ def test_inversion_then_ddim_reconstructs_mixture_data_better_with_more_steps():
     errors, refined = [], []
     for n in STEPS:
         sigmas = karras_sigmas(n, SIGMA_MIN, SIGMA_MAX)
-        errors.append(rms(sample_ddim(MIXTURE.denoise, editing.invert_latents(MIXTURE.denoise, x0, sigmas), sigmas), x0))
+        z = editing.invert_latents(MIXTURE.denoise, x0, sigmas)
+        errors.append(rms(sample_ddim(MIXTURE.denoise, z, sigmas), x0))
         z = editing.invert_latents(MIXTURE.denoise, x0, sigmas, iterations=3)
         refined.append(rms(sample_ddim(MIXTURE.denoise, z, sigmas), x0))
     assert np.all(np.diff(errors) < 0) and errors[-1] < errors[0] / 5, errors
@@ -238,14 +239,15 @@ def _bad_inputs(tmp_path, pipe, images):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY garbage")
     mask = editing.bottom_half_mask(4)
+    unreadable = "cannot be read as a NumPy array"
     return [
         ("32×32 array", lambda: editing.img2img(pipe, np.zeros((32, 32), np.uint8), "a 3"), "28×28"),
         ("float image", lambda: editing.img2img(pipe, images.astype(np.float32), "a 3"), "uint8"),
         ("missing file", lambda: editing.img2img(pipe, tmp_path / "nope.png", "a 3"), "no such file"),
         ("text as png", lambda: editing.img2img(pipe, tmp_path / "notes.png", "a 3"), "not a readable image"),
-        ("broken npy", lambda: editing.img2img(pipe, tmp_path / "broken.npy", "a 3"), "cannot be read as a NumPy array"),
+        ("broken npy", lambda: editing.img2img(pipe, tmp_path / "broken.npy", "a 3"), unreadable),
         ("1-D npy", lambda: editing.img2img(pipe, tmp_path / "flat.npy", "a 3"), "must be 28×28"),
-        ("pickled npy", lambda: editing.img2img(pipe, tmp_path / "objects.npy", "a 3"), "cannot be read as a NumPy array"),
+        ("pickled npy", lambda: editing.img2img(pipe, tmp_path / "objects.npy", "a 3"), unreadable),
         ("strength 1.5", lambda: editing.img2img(pipe, images, "a 3", 1.5), "strength"),
         ("prompt count", lambda: editing.img2img(pipe, images, ["a 3", "a 4"]), "2 prompts for a batch of 4"),
         ("mask count", lambda: editing.inpaint(pipe, images, mask[:3], "a 3"), "3 masks for a batch of 4"),

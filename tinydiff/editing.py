@@ -28,6 +28,7 @@ noise in place of the seeded draw.
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -249,9 +250,10 @@ def generate_from_latents(pipe, latents, prompt, *, negative_prompt=None, steps=
     """
     noise = to_numpy(latents)
     noise = noise[None] if noise.ndim == 3 else noise  # (N, 4, 8, 8)
-    if noise.shape[1:] != _latent_shape(pipe, 1)[1:] or not np.isfinite(noise).all():
-        raise EditInputError(f"latents must be finite noise of shape (N, {', '.join(map(str, _latent_shape(pipe, 1)[1:]))}),"
-                             f" got shape {noise.shape}; pass what invert() returns")
+    latent = _latent_shape(pipe, 1)[1:]  # (4, 8, 8)
+    if noise.shape[1:] != latent or not np.isfinite(noise).all():
+        raise EditInputError(f"latents must be finite noise of shape (N, {', '.join(map(str, latent))}), "
+                             f"got shape {noise.shape}; pass what invert() returns")
     prompts = _prompts(prompt, len(noise))
     o = _options(pipe, steps, sampler, sigma_schedule, guidance_scale, sigma_max, prompts)
     generators = per_sample_generators(seed, len(noise))
@@ -268,7 +270,7 @@ def strength_sigmas(sigmas, strength: float):
     28.999…). Returns sigmas[n − k:], k + 1 entries ending with 0: strength 1 is the whole grid,
     strength 0 only the final 0 (no step).
     """
-    if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+    if isinstance(strength, bool) or not (isinstance(strength, numbers.Real) and 0 <= strength <= 1):
         raise EditInputError(f"strength must be a number in [0, 1], got {strength!r}; 0 keeps the image, 1 ignores it")
     n = len(sigmas) - 1
     k = min(n, math.floor(strength * n + 1e-9))
@@ -506,8 +508,9 @@ def measure_inpainting(pipe, *, n: int = 100, jumps: int = 0, seed: int = 0, **o
 
     right, out = accuracy(labels)
     wrong, _ = accuracy((labels + 1) % 10)
+    top_half = classifier.predict(to_model_range(np.where(mask, 0, images)))  # bottom half black
     return {"accuracy": right, "wrong_prompt_accuracy": wrong,
-            "top_half_only_accuracy": float(np.mean(classifier.predict(to_model_range(np.where(mask, 0, images))) == labels)),
+            "top_half_only_accuracy": float(np.mean(top_half == labels)),
             "known_pixels_exact": bool(np.array_equal(out[~mask], images[~mask]))}
 
 
@@ -530,7 +533,7 @@ def measure_inversion(pipe, *, n: int = 100, steps=(20, 50), guidance_scales=(1.
             noise = invert(pipe, images, prompts, steps=count, guidance_scale=w, iterations=iterations)
             out, z = generate_from_latents(pipe, noise, prompts, sampler="ddim", steps=count, guidance_scale=w,
                                            return_latents=True)
-            rows.append({"steps": count, "guidance_scale": w, "iterations": iterations, "psnr_vs_vae": _digit_psnr(out, round_trip),
-                         "psnr_vs_input": _digit_psnr(out, images),
+            rows.append({"steps": count, "guidance_scale": w, "iterations": iterations,
+                         "psnr_vs_vae": _digit_psnr(out, round_trip), "psnr_vs_input": _digit_psnr(out, images),
                          "latent_rmse": float(np.sqrt(np.mean((z - z0) ** 2)))})
     return rows
