@@ -98,6 +98,13 @@ def test_cupy_status_is_one_line():
     assert status.startswith("not usable") != CUPY_USABLE
 
 
+def test_cupy_status_does_not_claim_a_request_that_set_backend_does(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # CuPy missing, whether or not it is installed
+    assert backend.cupy_status().startswith("not usable: CuPy is not installed; install the GPU extra")
+    with pytest.raises(BackendError, match="^backend 'cupy' requested but CuPy is not installed"):
+        backend.set_backend("cupy")
+
+
 class FakeCupyArray:
     """Something whose class lives in a 'cupy' module, as backend_of recognises CuPy arrays."""
 
@@ -118,6 +125,17 @@ def test_mixing_real_numpy_and_cupy_arrays_is_an_error():
 
 def test_blas_info_names_a_library():
     assert backend.blas_info() and "\n" not in backend.blas_info()
+
+
+def test_blas_info_and_default_threads_report_the_current_setting():
+    import threadpoolctl
+
+    now = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    assert backend.blas_default_threads() == (now[0] if now else None)
+    if now:
+        assert f"{now[0]} threads" in backend.blas_info() and "threads" not in backend.blas_info(threads=False)
+        with backend.blas_threads(1):
+            assert backend.blas_default_threads() == 1
 
 
 def test_blas_threads_sets_and_restores_the_blas_thread_count():

@@ -40,25 +40,29 @@ class BackendError(RuntimeError):
     """A backend was asked for that cannot be used, or arrays of two backends were mixed."""
 
 
-def _import_cupy() -> ModuleType:
-    """Import CuPy and check that a GPU is visible; raise BackendError naming the fix if not."""
+def _import_cupy(context: str = "backend 'cupy' requested but ") -> ModuleType:
+    """Import CuPy and check that a GPU is visible; raise BackendError naming the fix if not.
+
+    ``context`` starts each message (e.g. "backend 'cupy' requested but CuPy is not installed").
+    """
     try:
         import cupy
     except ImportError as err:
-        raise BackendError(f"backend 'cupy' requested but CuPy is not installed; {GPU_INSTALL_HINT}") from err
+        raise BackendError(f"{context}CuPy is not installed; {GPU_INSTALL_HINT}") from err
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # CUDA driver missing or broken: CuPy raises its own runtime errors
-        raise BackendError(f"backend 'cupy' requested but no usable CUDA GPU was found ({err})") from err
+        raise BackendError(f"{context}no usable CUDA GPU was found ({err})") from err
     if count == 0:
-        raise BackendError("backend 'cupy' requested but no CUDA GPU is visible")
+        raise BackendError(f"{context}no CUDA GPU is visible")
     return cupy
 
 
 def cupy_status() -> str:
-    """One line saying whether CuPy and a GPU are usable here (for ``tinydiff info``)."""
+    """One line saying whether CuPy and a GPU are usable here (for ``tinydiff info``): "not
+    usable: CuPy is not installed; …" or "CuPy 13.3.0, GPU 0: NVIDIA H100 …"."""
     try:
-        cupy = _import_cupy()
+        cupy = _import_cupy(context="")
     except BackendError as err:
         return f"not usable: {err}"
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -177,8 +181,9 @@ def uniform(generator: np.random.Generator, shape, low=0.0, high=1.0, *, dtype=D
     return to_device(generator.uniform(low, high, shape).astype(dtype), backend)
 
 
-def blas_info() -> str:
-    """Which BLAS NumPy uses, and its thread count."""
+def blas_info(*, threads: bool = True) -> str:
+    """Which BLAS NumPy uses, and (with ``threads``) the thread count it is set to at this moment:
+    its default outside ``blas_threads``, not what tinydiff's own work uses (see below)."""
     config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
     try:
         blas = config["Build Dependencies"]["blas"]
@@ -187,8 +192,15 @@ def blas_info() -> str:
         text = "unknown"
     pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
     if pools:
-        text += f" ({pools[0].get('internal_api')}, {pools[0].get('num_threads')} threads)"
+        count = f", {pools[0].get('num_threads')} threads" if threads else ""
+        text += f" ({pools[0].get('internal_api')}{count})"
     return text
+
+
+def blas_default_threads() -> int | None:
+    """The thread count NumPy's BLAS is set to at this moment (None if threadpoolctl finds none)."""
+    pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+    return pools[0].get("num_threads") if pools else None
 
 
 # --------------------------------------------------------------------------- CPU threads
