@@ -74,6 +74,24 @@ def test_image_grid_checks_titles():
         viz.image_grid(np.zeros((3, 4, 4)), titles=["one"])
 
 
+def test_shorten_cuts_with_an_ellipsis_to_exactly_the_limit():
+    assert viz.shorten("a bold 7", 8) == "a bold 7"
+    assert viz.shorten("a bold 7", 7) == "a bold…"  # the space before the cut is dropped
+    assert viz.shorten("a bold 7", 5) == "a bo…" and len(viz.shorten("x" * 99, 20)) == 20
+
+
+def test_image_grid_keeps_a_long_suptitle_within_the_figure_width():
+    long = "a picture of a small bold handwritten seven leaning right " * 4  # 232 characters
+    fig = viz.image_grid(np.zeros((8, 4, 4)), suptitle=long, size=1.2)
+    title = fig._suptitle.get_text()
+    assert title.endswith("…") and len(title) == int(1.2 * 8 * viz.SUPTITLE_CHARS_PER_INCH)
+    fig.canvas.draw()
+    assert fig._suptitle.get_window_extent().width <= fig.bbox.width  # it fits the figure
+    one = viz.image_grid(np.zeros((1, 4, 4)), suptitle=long)
+    assert len(one._suptitle.get_text()) == viz.SUPTITLE_MIN_CHARS
+    assert viz.image_grid(np.zeros((2, 4, 4)), suptitle="a bold 7")._suptitle.get_text() == "a bold 7"
+
+
 # --- schedules -----------------------------------------------------------------------------------
 
 

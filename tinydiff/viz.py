@@ -14,7 +14,7 @@ Images are accepted in the forms tinydiff produces them:
 Noisy images (x_t of the forward process) leave [−1, 1]; they are clipped, which is how every
 diffusion library shows them. Pass ``value_range`` to show another range instead.
 
-    image_grid            a grid of images, optionally titled
+    image_grid            a grid of images, optionally titled (a long suptitle cut with "…")
     plot_schedules        β, ᾱ, SNR, log SNR or σ against t for several training schedules
     noising_strip         one digit noised to chosen timesteps, one row per schedule
     histogram_vs_normal   a histogram of values against the density of a normal distribution
@@ -82,6 +82,20 @@ def to_display(images, value_range: tuple[float, float] | None = None) -> np.nda
     return np.clip((x.astype(np.float64) - low) / (high - low), 0.0, 1.0)
 
 
+# A suptitle longer than its figure is wide is cut, with an ellipsis ("…"): with bbox_inches="tight"
+# a long title would otherwise widen the saved PNG to its own length. Matplotlib's default font at
+# the suptitle's 14.4 pt sets about 12 characters of a prompt per inch; 11 leaves a margin.
+SUPTITLE_CHARS_PER_INCH = 11
+SUPTITLE_MIN_CHARS = 60  # a narrow grid (one image) still gets a readable title
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """``text`` if it has at most ``max_chars`` characters, else its start and "…" (max_chars in all)."""
+    if len(text) <= max_chars:
+        return text
+    return text[: max(max_chars - 1, 0)].rstrip() + "…"
+
+
 def image_grid(
     images,
     ncols: int | None = None,
@@ -94,7 +108,8 @@ def image_grid(
 ) -> Figure:
     """A grid of images, row by row, ``ncols`` per row (default: all in one row, at most 8).
 
-    titles: one short title per image (or None). size: inches per image.
+    titles: one short title per image (or None). size: inches per image. A suptitle wider than
+    the figure is cut with an ellipsis (``shorten``; never below ``SUPTITLE_MIN_CHARS``).
     """
     x = to_display(images, value_range)  # (N, H, W) in [0, 1]
     n = len(x)
@@ -118,7 +133,7 @@ def image_grid(
                 ax.set_title(titles[i], fontsize=8)
     top = 1.0
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(shorten(suptitle, max(SUPTITLE_MIN_CHARS, int(size * ncols * SUPTITLE_CHARS_PER_INCH))))
         top = 1.0 - 0.3 / fig.get_figheight()  # keep the 0.3 inch added above for the title free
     fig.tight_layout(pad=0.3, rect=(0.0, 0.0, 1.0, top))
     return fig
