@@ -18,6 +18,7 @@ from tinydiff.text.tokenizer import (
     EOS_ID,
     PAD_ID,
     SPECIAL_TOKENS,
+    SYNONYMS,
     UNK_ID,
     Tokenizer,
     split_words,
@@ -99,6 +100,40 @@ def test_prompt_that_exactly_fits_does_not_warn(tokenizer):
         warnings.simplefilter("error")
         batch = tokenizer.encode(prompt)
     assert not batch.truncated[0] and batch.eos_index[0] == 15
+
+
+def test_length_problem_names_the_limit_and_exactly_the_words_truncation_drops(tokenizer):
+    fits = " ".join(str(d % 10) for d in range(14))  # 14 words: room for all
+    assert tokenizer.overflow_words(fits) == [] and tokenizer.length_problem(["a 7", fits]) is None
+    long = fits + ", 5 and 6!"  # 17 words after splitting
+    assert tokenizer.overflow_words(long) == ["5", "and", "6"]
+    with pytest.warns(UserWarning):  # encode keeps exactly the words before the overflow
+        assert tokenizer.decode(tokenizer.encode(long).ids) == tokenizer.decode(tokenizer.encode(fits).ids)
+    assert tokenizer.length_problem(["a 7", long, "a 7 " * 20]) == (
+        "the prompt has 17 words but the model reads at most 14; it would drop '5 and 6'")
+    small = Tokenizer(["a", "b"], max_length=4)  # 2 words fit
+    assert small.length_problem("a b a") == "the prompt has 3 words but the model reads at most 2; it would drop 'a'"
+
+
+def test_suggestions_offer_synonyms_the_vocabulary_has_then_close_spellings(tokenizer):
+    assert tokenizer.suggestions("thick") == ["bold"]
+    assert tokenizer.suggestions("slanted") == ["leaning right", "leaning left"]
+    assert tokenizer.suggestions("vii") == ["7"]
+    assert tokenizer.suggestions("handwriten") == ["handwritten"]  # a typo
+    assert tokenizer.suggestions("purple") == [] and tokenizer.suggestions("17") == []
+    assert Tokenizer(["a", "thin"]).suggestions("thick") == []  # never a word the vocabulary lacks
+    assert Tokenizer(["leaning", "right"]).suggestions("slanted") == ["leaning right"]
+    assert tokenizer.describe_unknown("fat") == "'fat' (did you mean 'bold'?)"
+    assert tokenizer.describe_unknown("17") == "'17' (the model draws one digit, 0-9)"
+    assert tokenizer.describe_unknown("purple") == "'purple'"
+
+
+def test_synonym_table_maps_unknown_words_to_caption_words():
+    vocabulary = set(caption_vocabulary())
+    for word, offers in SYNONYMS.items():
+        assert split_words(word) == [word], word  # a normalised single word, as lookups see it
+        assert word not in vocabulary, word  # never shadows a word the model knows
+        assert offers and all(set(o.split()) <= vocabulary for o in offers), (word, offers)
 
 
 def test_non_ascii_input_is_normalised(tokenizer):
