@@ -10,7 +10,13 @@ style asked for? (``tinydiff eval``)
   handwritten {d}" images (> 1 means the words change the drawing in the right direction), and
   the same for the training data's bold and thin digits as the reference;
 * **CLIP zero-shot accuracy** on the held-out digits, when the pipeline carries CLIP's image
-  encoder (``metrics.evaluate_clip``).
+  encoder (``metrics.evaluate_clip``);
+* the two instruments every number above passes through, on the held-out digits: the **VAE's
+  reconstruction PSNR** (``metrics.evaluate_autoencoder``: every sample is decoded by it, so it
+  bounds how sharp a sample can be) and the **evaluation classifier's accuracy** (it reads every
+  generated digit, so its own error rate bounds what prompt accuracy can show).
+
+``format_results`` turns the dict into the model card's table (``tinydiff eval`` prints it).
 
 All sampling uses the pipeline's defaults (20 DPM++ 2M Karras steps with guidance) unless told
 otherwise, and fixed seeds, so the table is reproducible.
@@ -22,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .metrics import evaluate_clip, ink_mass, mnist_fd, prompt_accuracy, real_vs_real_fd
+from .metrics import evaluate_autoencoder, evaluate_clip, ink_mass, mnist_fd, prompt_accuracy, real_vs_real_fd
 from .text.captions import BOLD, DIGIT_WORDS, THIN
 from .train.classifier import load_classifier
 from .train.clip import load_captioned_mnist
@@ -74,6 +80,8 @@ def evaluate_pipeline(pipe, *, n_per_digit: int = 100, n_attribute: int = 20, ba
 
     if pipe.image_encoder is not None:
         results["clip_zero_shot_accuracy"] = evaluate_clip(_clip_from(pipe), pipe.tokenizer, test)["zero_shot_accuracy"]
+    results["vae_psnr"] = evaluate_autoencoder(pipe.vae, test.images)["psnr"]  # test.images: (N, 1, 32, 32)
+    results["classifier_accuracy"] = float(np.mean(classifier.predict(test.images) == test.labels))
     return results
 
 
@@ -84,3 +92,24 @@ def _clip_from(pipe):
     clip = CLIP(CLIPConfig(text=pipe.text_encoder.config, image=pipe.image_encoder.config))
     clip.text, clip.image = pipe.text_encoder, pipe.image_encoder
     return clip.to(pipe.backend).eval()
+
+
+def format_results(r: dict) -> list[str]:
+    """The results of ``evaluate_pipeline`` as the lines of a Markdown table: the model card's rows
+    (README.md), in its order. The CLIP row is left out when the pipeline had no image encoder."""
+    rows = [
+        ('prompt accuracy ("a handwritten {digit}")', f"{r['prompt_accuracy']:.1%}"),
+        (f"MNIST-FD, generated vs held-out ({r['fd_images']:,} images)", f"{r['mnist_fd']:.2f}"),
+        ("MNIST-FD, real vs real (the floor)", f"{r['mnist_fd_real_vs_real']:.2f}"),
+        ("MNIST-FD / floor", f"{r['mnist_fd'] / r['mnist_fd_real_vs_real']:.2f}×"),
+        (f'ink of "bold" / "thin" prompts (training digits: {r["ink_bold_over_thin_real"]:.2f}×)',
+         f"{r['ink_bold_over_thin']:.2f}×"),
+        ('prompt accuracy, "a bold …" / "a thin …"', f"{r['bold_prompt_accuracy']:.1%} / {r['thin_prompt_accuracy']:.1%}"),
+    ]
+    if "clip_zero_shot_accuracy" in r:
+        rows.append(("CLIP zero-shot accuracy (held-out)", f"{r['clip_zero_shot_accuracy']:.1%}"))
+    rows += [
+        ("VAE reconstruction PSNR (held-out)", f"{r['vae_psnr']:.1f} dB"),
+        ("evaluation classifier accuracy (held-out)", f"{r['classifier_accuracy']:.1%}"),
+    ]
+    return ["| metric | value |", "| --- | --- |"] + [f"| {label} | {value} |" for label, value in rows]
