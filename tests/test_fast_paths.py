@@ -20,9 +20,9 @@ from tinydiff import backend
 from tinydiff.nn import Conv2d, conv, fast_conv, gradcheck_module
 
 GEOMETRIES = [  # (N, C, O, H, W, kernel, stride, padding): what each exercises in fast_conv
-    (3, 4, 5, 8, 8, 3, 1, 1),  # 3×3 'same', even size: Winograd forward, Winograd dx (O < 2C)
+    (3, 4, 5, 8, 8, 3, 1, 1),  # 3×3 'same', even size: Winograd forward, dW and dx (O < 2C)
     (2, 3, 4, 4, 6, 3, 1, 1),  # the same on a non-square 4×6 image
-    (2, 2, 6, 8, 4, 3, 1, 1),  # Winograd forward, dx by col2im (O ≥ 2C)
+    (2, 2, 6, 8, 4, 3, 1, 1),  # Winograd forward, dW by im2col, dx by col2im (O ≥ 2C)
     (3, 3, 4, 7, 5, 3, 1, 1),  # odd size: im2col by shifted runs
     (2, 3, 4, 7, 6, 3, 2, 1),  # strided: window copies, dx by col2im
     (2, 3, 4, 7, 6, 1, 1, 0),  # 1×1: batched matmul
@@ -63,8 +63,8 @@ def test_fast_conv2d_equals_the_reference_in_float64(geometry, with_bias):
 
 @pytest.mark.parametrize("n,c,o,size", [(16, 32, 32, 8), (16, 64, 64, 4), (8, 96, 32, 8)])
 def test_winograd_conv2d_in_float32_is_within_rounding_of_the_reference(n, c, o, size):
-    """The U-Net's 3×3 shapes in float32: forward and input gradient (both Winograd) within a
-    relative 1e-5 of the float64 result (a direct float32 sum is within about 1e-6)."""
+    """The U-Net's 3×3 shapes in float32: forward, input and weight gradient (all Winograd) within
+    a relative 1e-5 of the float64 result (a direct float32 sum is within about 1e-6)."""
     x, weight, bias = _inputs(n, c, o, size, size, 3, np.float32)
     exact, cache64 = conv.conv2d_forward(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), 1, 1)
     out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
@@ -72,9 +72,11 @@ def test_winograd_conv2d_in_float32_is_within_rounding_of_the_reference(n, c, o,
     assert fast_conv._winograd_applies(x, 3, 3, 1, 1, 1)
     assert np.abs(out - exact).max() / np.abs(exact).max() < 1e-5
     dout = np.random.default_rng(2).standard_normal(out.shape)
-    dx_exact = conv.conv2d_backward(dout, cache64)[0]
-    dx = fast_conv.conv2d_backward(dout.astype(np.float32), cache)[0]
+    dx_exact, dw_exact, _ = conv.conv2d_backward(dout, cache64)
+    dx, dw, _ = fast_conv.conv2d_backward(dout.astype(np.float32), cache)
+    assert dw.dtype == np.float32
     assert np.abs(dx - dx_exact).max() / np.abs(dx_exact).max() < 1e-5
+    assert np.abs(dw - dw_exact).max() / np.abs(dw_exact).max() < 1e-5
 
 
 def test_winograd_scratch_reuse_keeps_the_zero_padding():

@@ -38,14 +38,16 @@ benchmarks/README.md):
   2 MiB buffer is fresh pages from the OS, and the page faults of writing them cost about as
   much as the copy itself.
 * **Winograd for 3×3 "same" convolutions of even-sized images** (every 3×3 convolution of the
-  latent U-Net at 8×8 and 4×4, forward and input gradient): ``_winograd_3x3`` computes each 2×2
-  block of outputs from a 4×4 tile of input with 16 multiplications instead of 36 (Lavin & Gray
-  2016, F(2×2, 3×3)), so its matrix products do 4/9 of im2col's. Its transforms are a few
-  additions over whole arrays; the docstring of ``_winograd_3x3`` derives them.
+  latent U-Net at 8×8 and 4×4: forward, input gradient and weight gradient): ``_winograd_3x3``
+  computes each 2×2 block of outputs from a 4×4 tile of input with 16 multiplications instead of
+  36 (Lavin & Gray 2016, F(2×2, 3×3)), so its matrix products do 4/9 of im2col's. Its transforms
+  are a few additions over whole arrays; the docstring of ``_winograd_3x3`` derives them, and
+  ``_winograd_weight_grad`` runs the same algorithm backwards (its adjoint) for dW.
 * **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
   rather than holding 9× the activations' memory until the backward pass; inference
   (``no_grad``) keeps nothing but references.
-* **Backward.** dW = Σ_chunks dout·colsᵀ, computed as (cols·doutᵀ)ᵀ (the faster BLAS layout).
+* **Backward.** dW = Σ_chunks dout·colsᵀ, computed as (cols·doutᵀ)ᵀ (the faster BLAS layout),
+  or by Winograd where the forward pass used it (no cols at all).
   The input gradient of a stride-1 convolution is itself a correlation: dx = dout ⋆ W', W' the
   kernel rotated by 180° with its in/out channels swapped, padding kh−1−p (the "transposed
   convolution"), so it runs the same im2col + GEMM as the forward pass. A strided convolution,
@@ -190,6 +192,7 @@ def _im2col_chunks(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
 _W_B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # Bᵀ (4, 4): input transform
 _W_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))  # G (4, 3): kernel transform
 _W_A_T = ((1, 1, 1, 0), (0, 1, -1, -1))  # Aᵀ (2, 4): output transform
+_W_A_SIGNS = (1, 1, 1, -1)  # the sign of row ξ of A (each row of A is ± a sum of dY's rows)
 
 
 def _winograd_applies(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int) -> bool:
@@ -215,6 +218,35 @@ def _scratch(xp, dtype, *shapes):
         views.append(arenas[key][start : start + size].reshape(shape))
         start += size
     return views
+
+
+def _winograd_kron(xp, dtype):
+    """G ⊗ G (16, 9): vec(G g Gᵀ) = (G ⊗ G) vec(g) for a 3×3 kernel g, both vectors row-major."""
+    g = xp.asarray(_W_G, dtype=dtype)
+    return (g[:, None, :, None] * g[None, :, None, :]).reshape(16, 9)
+
+
+def _winograd_input_transform(x, xpad, t, v) -> None:
+    """V = Bᵀ d B for every 4×4 input tile d of x (N, C, H, W) zero-padded by 1, written into v
+    (4, 4, H/2, W/2, N, C); xpad (H+2, W+2, N, C) and t (4, H/2, W+2, N, C) are scratch.
+    Bᵀ · d and · B are applied as rows then columns, each as the four sums and differences that
+    Bᵀ's rows spell out (d0 − d2, d1 + d2, d2 − d1, d1 − d3)."""
+    xp = get_xp(x)
+    th, tw = x.shape[2] // 2, x.shape[3] // 2
+    xpad[0], xpad[-1], xpad[:, 0], xpad[:, -1] = 0, 0, 0, 0  # the zero padding
+    xpad[1:-1, 1:-1] = x.transpose(2, 3, 0, 1)  # (N, C, H, W) → (H, W, N, C)
+    # rows: d_k = row 2·ty + k of every tile ty, (th, W+2, N, C) each
+    d = [xpad[k : k + 2 * th : 2] for k in range(4)]
+    xp.subtract(d[0], d[2], out=t[0])
+    xp.add(d[1], d[2], out=t[1])
+    xp.subtract(d[2], d[1], out=t[2])
+    xp.subtract(d[1], d[3], out=t[3])
+    # columns: e_k = column 2·tx + k of every tile tx, (4, th, tw, N, C) each
+    e = [t[:, :, k : k + 2 * tw : 2] for k in range(4)]
+    xp.subtract(e[0], e[2], out=v[:, 0])
+    xp.add(e[1], e[2], out=v[:, 1])
+    xp.subtract(e[2], e[1], out=v[:, 2])
+    xp.subtract(e[1], e[3], out=v[:, 3])
 
 
 def _winograd_3x3(x, w, b):
@@ -248,9 +280,9 @@ def _winograd_3x3(x, w, b):
     **Layout.** Everything runs with (N, C) (or (N, O)) as the last, contiguous axes: the padded
     input is (H+2, W+2, N, C), so every transform step is one NumPy operation over whole arrays
     whose inner runs are N·C numbers long, and V is already the stack of 16 (tiles·N, C) matrices.
-    Bᵀ · d and · B are applied as rows then columns, each as the four sums and differences that
-    Bᵀ's rows spell out (d0 − d2, d1 + d2, d2 − d1, d1 − d3), on strided views that pick the 4
-    rows (columns) of every tile at once. The output transform does the same with Aᵀ's two rows.
+    Bᵀ · d and · B are applied as rows then columns (``_winograd_input_transform``), on strided
+    views that pick the 4 rows (columns) of every tile at once. The output transform does the
+    same with Aᵀ's two rows.
     In float32 the results differ from im2col's by rounding only (relative 1e-6; tested).
     """
     xp = get_xp(x, w)
@@ -258,26 +290,12 @@ def _winograd_3x3(x, w, b):
     o = w.shape[0]
     th, tw = h // 2, wd // 2  # tiles per column and per row
     rows = th * tw * n  # rows of each of the 16 matrix products, ordered (tile y, tile x, image)
-    g = xp.asarray(_W_G, dtype=x.dtype)
-    kron = (g[:, None, :, None] * g[None, :, None, :]).reshape(16, 9)  # G ⊗ G: vec(G g Gᵀ) = (G ⊗ G) vec(g)
+    kron = _winograd_kron(xp, x.dtype)
     u_t = (w.reshape(o * c, 9) @ kron.T).T.reshape(16, o, c).transpose(0, 2, 1)  # (O·C, 16) → (16, O, C) → Uᵀ (16, C, O)
     xpad, t, v, m, s, y = _scratch(
         xp, x.dtype, (h + 2, wd + 2, n, c), (4, th, wd + 2, n, c), (4, 4, th, tw, n, c), (16, rows, o),
         (2, 4, th, tw, n, o), (2, 2, th, tw, n, o))
-    xpad[0], xpad[-1], xpad[:, 0], xpad[:, -1] = 0, 0, 0, 0  # the zero padding
-    xpad[1:-1, 1:-1] = x.transpose(2, 3, 0, 1)  # (N, C, H, W) → (H, W, N, C)
-    # V = Bᵀ d B. Rows: d_k = row 2·ty + k of every tile ty, (th, W+2, N, C) each
-    d = [xpad[k : k + 2 * th : 2] for k in range(4)]
-    xp.subtract(d[0], d[2], out=t[0])
-    xp.add(d[1], d[2], out=t[1])
-    xp.subtract(d[2], d[1], out=t[2])
-    xp.subtract(d[1], d[3], out=t[3])
-    # columns: e_k = column 2·tx + k of every tile tx, (4, th, tw, N, C) each
-    e = [t[:, :, k : k + 2 * tw : 2] for k in range(4)]
-    xp.subtract(e[0], e[2], out=v[:, 0])
-    xp.add(e[1], e[2], out=v[:, 1])
-    xp.subtract(e[2], e[1], out=v[:, 2])
-    xp.subtract(e[1], e[3], out=v[:, 3])
+    _winograd_input_transform(x, xpad, t, v)
     xp.matmul(v.reshape(16, rows, c), u_t, out=m)  # M[ξ, ν] = V[ξ, ν] Uᵀ[ξ, ν]: (16, rows, C) @ (16, C, O)
     m = m.reshape(4, 4, th, tw, n, o)
     # Y = Aᵀ M A. Rows (Aᵀ: m0 + m1 + m2 and m1 − m2 − m3), then columns
@@ -287,13 +305,55 @@ def _winograd_3x3(x, w, b):
     s[1] -= m[3]
     if b is not None:  # column 1 enters both outputs of every row with weight +1: the bias goes there
         s[:, 1] += b
-    xp.add(s[:, 0], s[:, 1], out=y[:, 0])
-    y[:, 0] += s[:, 2]
-    xp.subtract(s[:, 1], s[:, 2], out=y[:, 1])
-    y[:, 1] -= s[:, 3]
-    out = xp.empty((n, o, th, 2, tw, 2), dtype=x.dtype)
-    out[...] = y.transpose(4, 5, 2, 0, 3, 1)  # (2, 2, th, tw, N, O) → (N, O, th, 2, tw, 2): pixel (2·ty + a, 2·tx + b)
+    # columns; the last addition writes straight into the output's (N, O, H, W) layout, through
+    # a strided view, so the transpose back from (…, N, O) costs no pass of its own
+    out = xp.empty((n, o, th, 2, tw, 2), dtype=x.dtype)  # pixel (2·ty + a, 2·tx + b)
+    y_out = out.transpose(3, 5, 2, 4, 0, 1)  # (N, O, th, 2, tw, 2) → (2, 2, th, tw, N, O), a view
+    xp.add(s[:, 0], s[:, 2], out=y[:, 0])
+    xp.add(y[:, 0], s[:, 1], out=y_out[:, 0])  # s0 + s1 + s2
+    xp.subtract(s[:, 1], s[:, 3], out=y[:, 1])
+    xp.subtract(y[:, 1], s[:, 2], out=y_out[:, 1])  # s1 − s2 − s3
     return out.reshape(n, o, h, wd)
+
+
+def _winograd_weight_grad(x, dout):
+    """dW of a 3×3 convolution with padding 1 (x (N, C, H, W), H and W even, dout (N, O, H, W))
+    as the adjoint of ``_winograd_3x3`` with respect to the kernel: 4/9 of im2col's GEMM FLOPs
+    again, and no im2col at all. Returns dw (O, C, 3, 3).
+
+    The forward pass is Y = Aᵀ M A, M[ξ, ν] = V[ξ, ν] Uᵀ[ξ, ν] (rows: tiles), U = G g Gᵀ. Each
+    step is linear, so its adjoint is its transpose, applied in reverse order:
+
+        dM = A dY Aᵀ                       (per tile and output channel: 2×2 → 4×4)
+        dU[ξ, ν] = Vᵀ[ξ, ν] dM[ξ, ν]        (Σ over tiles: 16 products (C, rows) · (rows, O))
+        dg = Gᵀ dU G                       (per (o, c): 4×4 → 3×3)
+
+    A (4, 2) has rows (1, 0), (1, 1), (1, −1), (0, −1): row ξ of A dY is dy0, dy0 + dy1,
+    dy0 − dy1 or −dy1 (dy0, dy1 the tile's two rows), and the same over columns. The two minus
+    signs of row 3 are left out of dM, so that rows 0 and 3 are dY's own rows (the transpose
+    writes them, no copy), and put back as a sign s_ξ s_ν on each dU[ξ, ν] (s = (1, 1, 1, −1)).
+    V = Bᵀ d B is recomputed from x (cheap copies in cache) rather than kept from the forward
+    pass, which would hold 4× the activations until backward.
+    """
+    xp = get_xp(x, dout)
+    n, c, h, wd = x.shape
+    o = dout.shape[1]
+    th, tw = h // 2, wd // 2
+    rows = th * tw * n
+    xpad, t, v, dm = _scratch(xp, x.dtype, (h + 2, wd + 2, n, c), (4, th, wd + 2, n, c), (4, 4, th, tw, n, c),
+                              (4, 4, th, tw, n, o))
+    _winograd_input_transform(x, xpad, t, v)
+    # dM without row 3's signs. Rows and columns 0 and 3 are dY's: (N, O, H, W) → (2, 2, th, tw, N, O)
+    dm[0::3, 0::3] = dout.reshape(n, o, th, 2, tw, 2).transpose(3, 5, 2, 4, 0, 1)
+    xp.add(dm[0, 0::3], dm[3, 0::3], out=dm[1, 0::3])  # rows 1, 2: dy0 ± dy1
+    xp.subtract(dm[0, 0::3], dm[3, 0::3], out=dm[2, 0::3])
+    xp.add(dm[:, 0], dm[:, 3], out=dm[:, 1])  # columns 1, 2 of every row
+    xp.subtract(dm[:, 0], dm[:, 3], out=dm[:, 2])
+    du = xp.matmul(v.reshape(16, rows, c).transpose(0, 2, 1), dm.reshape(16, rows, o))  # dU[ξ, ν] up to sign: (16, C, rows) @ (16, rows, O) → (16, C, O)
+    sign = xp.asarray(_W_A_SIGNS, dtype=x.dtype)
+    kron_t = (_winograd_kron(xp, x.dtype) * (sign[:, None] * sign[None, :]).reshape(16, 1)).T  # (G ⊗ G)ᵀ with s_ξ s_ν: (9, 16)
+    dw = kron_t @ du.reshape(16, c * o)  # dg = Gᵀ dU G, as (G ⊗ G)ᵀ vec(dU): (9, 16) @ (16, C·O)
+    return xp.ascontiguousarray(dw.reshape(3, 3, c, o).transpose(3, 2, 0, 1))  # (3, 3, C, O) → (O, C, 3, 3)
 
 
 def _correlate(x, w, b, stride: int, pad_h: int, pad_w: int):
@@ -393,16 +453,20 @@ def conv2d_backward(dout, cache: FastConv2dCache):
         return dx, dw, db
     w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
     transposed = _dx_by_transposed_conv(c, o, kh, kw, stride, padding)
-    dw_t = xp.zeros((c * kh * kw, o), dtype=dout.dtype)  # dWᵀ, summed over the chunks
-    dx = None if transposed else xp.empty(x.shape, dtype=dout.dtype)
-    for start, cols in _im2col_chunks(x, kh, kw, stride, padding, padding):
-        m = cols.shape[1] // (ho * wo)
-        d_mat = dout[start : start + m].transpose(1, 0, 2, 3).reshape(o, -1)  # (m, O, Ho, Wo) → (O, m·Ho·Wo)
-        dw_t += cols @ d_mat.T  # (C·kh·kw, O) = (dout·colsᵀ)ᵀ
-        if not transposed:
-            dx[start : start + m] = _col2im(w_mat.T @ d_mat, m, c, h, wd, kh, kw, stride, padding)
+    winograd = _winograd_applies(x, kh, kw, stride, padding, padding)
+    if winograd and transposed:  # no cols needed: dW by Winograd, dx by the transposed conv below
+        dw = _winograd_weight_grad(x, dout)
+    else:
+        dw_t = xp.zeros((c * kh * kw, o), dtype=dout.dtype)  # dWᵀ, summed over the chunks
+        dx = None if transposed else xp.empty(x.shape, dtype=dout.dtype)
+        for start, cols in _im2col_chunks(x, kh, kw, stride, padding, padding):
+            m = cols.shape[1] // (ho * wo)
+            d_mat = dout[start : start + m].transpose(1, 0, 2, 3).reshape(o, -1)  # (m, O, Ho, Wo) → (O, m·Ho·Wo)
+            dw_t += cols @ d_mat.T  # (C·kh·kw, O) = (dout·colsᵀ)ᵀ
+            if not transposed:
+                dx[start : start + m] = _col2im(w_mat.T @ d_mat, m, c, h, wd, kh, kw, stride, padding)
+        dw = xp.ascontiguousarray(dw_t.T).reshape(w.shape)  # (O, C·kh·kw) → (O, C, kh, kw)
     if transposed:
         w_rot = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (O, C, kh, kw) → (C, O, kh, kw), rotated 180°
         dx = _correlate(dout, w_rot, None, 1, kh - 1 - padding, kw - 1 - padding)
-    dw = xp.ascontiguousarray(dw_t.T).reshape(w.shape)  # (O, C·kh·kw) → (O, C, kh, kw)
     return dx, dw, db
