@@ -223,6 +223,16 @@ def test_words_lists_every_word_of_the_model_once_in_groups(capsys):
     assert re.search(r"thick, fat, .*→ bold", out) and re.search(r"slanted, .*→ leaning right or leaning left", out)
 
 
+def test_readme_lists_exactly_the_shipped_vocabulary():
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| group | words |"):].split("\n\n")[0].splitlines()[2:]
+    cells = [re.sub(r"\([^)]*\)", "", row.split(" | ")[1]) for row in table]  # without "(thickness)"
+    listed = re.findall(r"\w+", " ".join(cells))
+    tokenizer = Tokenizer.from_json((pretrained_path() / "tokenizer.json").read_text())
+    assert sorted(set(listed)) == sorted(tokenizer.words)
+    assert f"knows {len(tokenizer.words)} words" in text and f"at most {tokenizer.max_length - 2} of them" in text
+
+
 def test_vocabulary_groups_put_each_word_in_its_group():
     groups = vocabulary_groups(["the", "7", "bold", "seven", "left", "0", "zero", "picture"])
     assert groups == {"digits": ["7", "0"], "number words": ["zero", "seven"], "attributes": ["bold", "left"],
