@@ -8,7 +8,7 @@ other than pure noise:
     inpaint    sample from σ_max, but before every step put back the original latent, noised to
                the current σ, wherever the mask keeps the picture (RePaint, Lugmayr et al. 2022)
     invert     run the deterministic sampler backwards, σ = 0 ─► σ_max, to find the noise that
-               regenerates a picture (DDIM inversion, Song et al. 2020 §4.3)
+               regenerates a picture (DDIM inversion, Song et al. 2020 §4.3, §5.4)
 
 Symbols: z0 = s · μ is the picture's latent (the VAE posterior mean μ times the scaling factor
 s; the mean, not a sample, so an edit depends on its seed only); σ_0 > σ_1 > … > σ_n = 0 the
@@ -327,7 +327,7 @@ def inpaint_latents(denoiser, z0, mask, sigmas, *, rng=None, eta: float = 1.0, j
               values put into the known cells) and "repeat"
 
     The start is σ_0 · ε (the pipeline's). Before every denoiser call the known cells are set to
-    z0 + σ_i · ε_i with fresh ε_i (RePaint eq. 8: x_known ~ q(x_σ | z0)); after the last step
+    z0 + σ_i · ε_i with fresh ε_i (RePaint eq. 8–10: x_known ~ q(x_σ | z0)); after the last step
     they are set to z0 itself, so the returned latent equals z0 exactly outside the mask.
     """
     if not isinstance(jumps, (int, np.integer)) or jumps < 0:
@@ -391,7 +391,7 @@ def invert_latents(denoiser, z0, sigmas, *, iterations: int = 0, callback=None):
 
     Going down, the step σ → σ' is x' = x + (σ' − σ) · ε̂(x, σ), with ε̂(x, σ) = (x − D(x, σ))/σ.
     Going up from σ' to σ it would need ε̂ at the unknown end x; DDIM inversion uses the known
-    point with the target's σ (Song et al. 2020 §4.3; Mokady et al. 2022 eq. 2):
+    point with the target's σ (as in null-text inversion, Mokady et al. 2022):
 
         x_σ = x_σ' + (σ − σ') · ε̂(x_σ', σ)      for σ' = 0 = σ_n < σ_{n−1} < … < σ_0
 
