@@ -140,3 +140,49 @@ def test_tinydiff_reference_rejects_an_unknown_value_in_one_line():
     env = {"TINYDIFF_REFERENCE": "maybe", "PATH": "", "PYTHONPATH": ":".join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.stdout.strip() == "TINYDIFF_REFERENCE='maybe' is not understood; use 1 (reference code) or 0 (fast code)"
+
+
+# --------------------------------------------------------------------------- erf for GELU
+
+def test_erf_rational_is_within_its_stated_error_of_scipy():
+    """``activations.erf_rational`` (a rational approximation evaluated in float64): within 6.6e-8
+    of scipy's erf over [−8, 8], absolutely and relative to erf near 0; within 1e-7 once rounded to
+    float32; exactly ±1 past the clip at |x| = 4 only up to float32 rounding; odd."""
+    import scipy.special
+
+    from tinydiff.nn import activations
+
+    x = np.concatenate([np.linspace(-8.0, 8.0, 400_001), np.geomspace(1e-30, 1.0, 2001)])
+    exact = scipy.special.erf(x)
+    approx = activations.erf_rational(x)
+    assert approx.dtype == np.float64
+    assert np.abs(approx - exact).max() < 6.6e-8
+    small = (np.abs(x) < 0.5) & (x != 0)
+    assert (np.abs(approx - exact)[small] / np.abs(exact[small])).max() < 6.6e-8
+    np.testing.assert_array_equal(activations.erf_rational(-x), -approx)
+    x32 = x.astype(np.float32)
+    approx32 = activations.erf_rational(x32)
+    assert approx32.dtype == np.float32 and approx32.shape == x32.shape
+    assert np.abs(approx32 - scipy.special.erf(x32.astype(np.float64))).max() < 1e-7
+    grid = x32[:3000].reshape(30, 100)  # any shape, and sizes that are not a multiple of the chunk
+    np.testing.assert_array_equal(activations.erf_rational(grid), approx32[:3000].reshape(30, 100))
+
+
+def test_gelu_uses_the_fast_erf_on_float32_only_and_the_reference_switch_restores_scipy():
+    import scipy.special
+
+    from tinydiff.nn import activations
+
+    x = np.random.default_rng(7).standard_normal((5, 70_000)).astype(np.float32) * 3  # several chunks
+    phi_scipy = (0.5 * (1.0 + scipy.special.erf(x * np.float32(1 / np.sqrt(2))))).astype(np.float32)
+    with backend.use_reference():
+        out_ref, cache_ref = activations.gelu_forward(x)
+    np.testing.assert_array_equal(cache_ref.phi, phi_scipy)  # the reference: scipy's erf, bitwise
+    out, cache = activations.gelu_forward(x)
+    assert out.dtype == np.float32
+    assert not np.array_equal(cache.phi, phi_scipy)  # the fast erf ran
+    assert np.abs(cache.phi - phi_scipy).max() < 1.5e-7  # two float32 units of Φ near 1 (1.2e-7)
+    assert np.abs(out - out_ref).max() < 1e-7 * np.abs(x).max()
+    x64 = x[:, :100].astype(np.float64)  # float64 (gradient checks, references): scipy's erf always
+    out64, _ = activations.gelu_forward(x64)
+    np.testing.assert_array_equal(out64, x64 * (0.5 * (1.0 + scipy.special.erf(x64 * (1.0 / np.sqrt(2.0))))))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import erf, get_xp, to_device, backend_of
+from ..backend import backend_of, erf, fast_or_reference, get_xp, to_device
 
 
 def sigmoid(x):
@@ -40,6 +40,59 @@ class GELUCache(NamedTuple):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
+# erf(x) ≈ x·α(x²)/β(x²) on [−4, 4]: the coefficients of α and β (highest power of x² first) of
+# the single-precision erf of the Eigen library (``generic_fast_erf_float``), which XLA and TVM
+# use too. Beyond |x| = 4, erf(x) is ±1 in float32 (1 − erf(4) = 1.5e-8).
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+              -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+             -1.42647390514189e-02)
+ERF_CHUNK = 32768  # numbers per chunk of erf_rational: its float64 temporaries (4 × 256 kB) stay in cache
+
+
+def erf_rational(x):
+    """erf of a NumPy array by a rational approximation, about 4× faster than scipy.special.erf
+    (scipy evaluates the series of Cody-type approximations element by element):
+
+        erf(x) ≈ x·α(x²)/β(x²),  x clipped to [−4, 4],  α of degree 6, β of degree 4 in x²
+
+    Each chunk is evaluated in float64 by Horner's rule and rounded back to x's dtype. Measured
+    against scipy over [−8, 8] (tests/test_fast_paths.py): the approximation is within 6.5e-8
+    (absolute, and relative to erf(x) too, since both are odd and linear near 0), and within
+    1e-7 once rounded to float32, about the size of float32's rounding of numbers near 1 (6e-8):
+    so GELU(x) = x·Φ(x) is unchanged up to float32 rounding. (Evaluated in float32 instead, the
+    error grows to 4e-7 near |x| = 4.) Not for float64 work, which needs erf to 1e-16: GELU uses
+    it on float32 only.
+    """
+    flat = x.reshape(-1)
+    out = get_xp(x).empty_like(flat)
+    for start in range(0, flat.size, ERF_CHUNK):
+        z = flat[start : start + ERF_CHUNK].astype("float64")  # a copy, clipped in place
+        z.clip(-4.0, 4.0, out=z)
+        z2 = z * z
+        num = z2 * _ERF_ALPHA[0]
+        num += _ERF_ALPHA[1]
+        for a in _ERF_ALPHA[2:]:  # Horner: num = num·x² + a
+            num *= z2
+            num += a
+        den = z2 * _ERF_BETA[0]
+        den += _ERF_BETA[1]
+        for b in _ERF_BETA[2:]:
+            den *= z2
+            den += b
+        num *= z
+        num /= den
+        out[start : start + ERF_CHUNK] = num
+    return out.reshape(x.shape)
+
+
+def _gelu_erf(x):
+    """The erf that exact GELU uses: ``erf_rational`` for float32 arrays on the CPU unless the
+    reference implementations are on (``backend.use_reference``), else scipy's (float64, CuPy)."""
+    if x.dtype.itemsize == 4 and backend_of(x) == "numpy":
+        return fast_or_reference(erf_rational, erf)(x)
+    return erf(x)
+
 
 def gelu_forward(x, approximate: str = "none"):
     """GELU: out = x·Φ(x), Φ the standard normal CDF (Hendrycks & Gimpel 2016).
@@ -49,7 +102,9 @@ def gelu_forward(x, approximate: str = "none"):
     """
     xp = get_xp(x)
     if approximate == "none":
-        phi = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+        phi = _gelu_erf(x * (1.0 / math.sqrt(2.0)))
+        phi += 1.0
+        phi *= 0.5  # Φ(x) = ½(1 + erf(x/√2)), in place
         return x * phi, GELUCache(x, approximate, phi)
     if approximate == "tanh":
         t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
