@@ -17,14 +17,29 @@ Transformer's positional encoding, Vaswani et al. 2017, §3.5):
 
 t may be any float (DDPM's integer steps 0…999 or a continuous noise level), and it gets no
 gradient: the backward pass stops at the sinusoids.
+
+A consistency-distilled student (``tinydiff.train.lcm``) also reads the classifier-free guidance
+scale w (LCM, Luo et al. 2023, §4.2, as in their released code and diffusers' ``cond_proj``):
+``guidance_embedding(w, dim)`` gives sinusoids of 1000·w (so w ∈ [1, 4] spreads over the same
+range of frequencies as the timesteps), and ``TimestepEmbedding(..., cond_dim=dim)`` adds them,
+through a linear layer ``cond_proj`` without bias that starts at zero, to the timestep sinusoids
+before the MLP::
+
+    emb' = emb + W_c · guidance_embedding(w),    W_c (in_dim, cond_dim) = 0 at the start
+
+so a fresh student computes exactly what its teacher computes. Backward: the MLP's input
+gradient g = ∂L/∂emb' gives ∂L/∂W_c = gᵀ · guidance_embedding(w) (summed over the batch); w gets
+no gradient.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..backend import get_xp
+from ..backend import get_xp, rng
 from ..nn import Linear, Module, SiLU
+
+GUIDANCE_SCALE_FACTOR = 1000.0  # w is embedded like a timestep 1000·w (LCM's released code)
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -40,17 +55,41 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return xp.concatenate([xp.cos(args), xp.sin(args)], axis=1)  # (B, dim)
 
 
-class TimestepEmbedding(Module):
-    """The learned time MLP: (B, in_dim) sinusoids → Linear → SiLU → Linear → (B, time_embed_dim)."""
+def guidance_embedding(w, dim: int):
+    """Sinusoids of guidance scales: w (B,) → (B, dim), ``timestep_embedding(1000·w, dim)``."""
+    return timestep_embedding(GUIDANCE_SCALE_FACTOR * w, dim)
 
-    def __init__(self, in_dim: int, time_embed_dim: int, *, generator=None):
+
+class TimestepEmbedding(Module):
+    """The learned time MLP: (B, in_dim) sinusoids → Linear → SiLU → Linear → (B, time_embed_dim).
+
+    With ``cond_dim`` it also takes a condition (B, cond_dim) (the guidance scale's sinusoids),
+    added to the input through ``cond_proj``, a zero-initialised Linear without bias (module docstring).
+    """
+
+    def __init__(self, in_dim: int, time_embed_dim: int, *, cond_dim: int | None = None, generator=None):
         self.linear_1 = Linear(in_dim, time_embed_dim, generator=generator)
         self.act = SiLU()
         self.linear_2 = Linear(time_embed_dim, time_embed_dim, generator=generator)
+        self.cond_proj = None
+        if cond_dim is not None:
+            # zero, so its (throwaway) random start draws nothing from the model's generator
+            self.cond_proj = Linear(cond_dim, in_dim, bias=False, generator=rng(0))
+            self.cond_proj.weight.data[...] = 0
 
-    def forward(self, emb):
+    def forward(self, emb, cond=None):
+        if (cond is None) != (self.cond_proj is None):
+            raise ValueError("TimestepEmbedding takes a condition exactly when built with cond_dim "
+                             f"(cond_dim {'set' if self.cond_proj is not None else 'None'}, "
+                             f"condition {'missing' if cond is None else 'given'})")
+        if self.cond_proj is not None:
+            emb = emb + self.cond_proj(cond)  # (B, in_dim) + (B, in_dim)
         return self.linear_2(self.act(self.linear_1(emb)))
 
     def backward(self, dout):
-        """Returns the gradient w.r.t. the sinusoids (the U-Net discards it: t gets none)."""
-        return self.linear_1.backward(self.act.backward(self.linear_2.backward(dout)))
+        """Returns the gradient w.r.t. the sinusoids (the U-Net discards it: t gets none); with a
+        condition, the same gradient reaches ``cond_proj`` (the sum emb + W_c·cond passes it to both)."""
+        demb = self.linear_1.backward(self.act.backward(self.linear_2.backward(dout)))
+        if self.cond_proj is not None:
+            self.cond_proj.backward(demb)  # fills W_c's gradient; the condition (w) gets none
+        return demb

@@ -45,7 +45,7 @@ from ..backend import DEFAULT_DTYPE, get_xp, rng, to_device
 from ..config import ConfigMixin
 from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU
 from .blocks import Downsample2D, ResBlock, SpatialTransformer, TransformerBlock, Upsample2D, add_grads
-from .embeddings import TimestepEmbedding, timestep_embedding
+from .embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 
 
 @dataclass
@@ -71,6 +71,7 @@ class UNetConfig(ConfigMixin):
     dim_head: int = 16  # features per head: transformers run at heads · dim_head = 64 features
     groups: int = 8  # GroupNorm groups; must divide every channel count (SD: 32 groups, ≥ 320 channels)
     time_embed_dim: int = 64  # width of the time MLP (4 × block_channels[0], as in SD)
+    guidance_embedding: bool = False  # a consistency-distilled student: forward also takes w (B,) (embeddings.py)
 
     def __post_init__(self):
         self.block_channels = tuple(int(c) for c in self.block_channels)  # JSON gives lists
@@ -221,15 +222,18 @@ class UNet(Module):
     generator made from ``seed`` (or from ``generator``, when a larger model passes its own).
 
     forward(x (B, C_in, H, W), t (B,) floats or one scalar, context (B, L, context_dim) or None,
-    context_mask (B, L) bool (True = a real token) or None) → (B, C_out, H, W).
-    backward(dout) → (dx, dcontext), dcontext None without context; parameter grads are added (+=).
+    context_mask (B, L) bool (True = a real token) or None, w (B,) or one scalar: the guidance
+    scale, required with ``guidance_embedding`` and refused without) → (B, C_out, H, W).
+    backward(dout) → (dx, dcontext), dcontext None without context; parameter grads are added (+=),
+    the guidance projection's included (w itself gets no gradient).
     """
 
     def __init__(self, config: UNetConfig, seed: int = 0, *, generator=None):
         gen = rng(seed) if generator is None else generator  # the initial weights depend on the seed only
         self.config = config
         chans, levels = config.block_channels, len(config.block_channels)
-        self.time_embedding = TimestepEmbedding(chans[0], config.time_embed_dim, generator=gen)
+        cond_dim = chans[0] if config.guidance_embedding else None  # w's sinusoids: as wide as t's
+        self.time_embedding = TimestepEmbedding(chans[0], config.time_embed_dim, cond_dim=cond_dim, generator=gen)
         self.conv_in = Conv2d(config.in_channels, chans[0], 3, padding=1, generator=gen)
         skip_channels = [chans[0]]  # conv_in's output is the first skip
         self.down_blocks = ModuleList()
@@ -254,9 +258,16 @@ class UNet(Module):
             self.null_embedding = Parameter(to_device(0.02 * gen.standard_normal(shape), dtype=DEFAULT_DTYPE))
 
     # -- forward and backward --------------------------------------------------------------
-    def forward(self, x, t, context=None, context_mask=None):
+    def forward(self, x, t, context=None, context_mask=None, w=None):
         t = self._check_inputs(x, t, context, context_mask)
-        temb = self.time_embedding(timestep_embedding(t, self.config.block_channels[0]))  # (B, time_embed_dim)
+        width = self.config.block_channels[0]
+        cond = None if w is None else guidance_embedding(self._per_sample(w, x, "w"), width)  # (B, width)
+        if self.config.guidance_embedding and cond is None:
+            raise ValueError("this UNet was distilled with a guidance embedding: pass the guidance scale w (B,)")
+        if cond is not None and not self.config.guidance_embedding:
+            raise ValueError("this UNet has no guidance embedding (UNetConfig.guidance_embedding=False); "
+                             "leave w out and use classifier-free guidance")
+        temb = self.time_embedding(timestep_embedding(t, width), cond)  # (B, time_embed_dim)
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
@@ -279,7 +290,7 @@ class UNet(Module):
             dh, dt, dc = block.backward(dh, dskips)
             dtemb, dcontext = add_grads(dtemb, dt), add_grads(dcontext, dc)
         dx = self.conv_in.backward(dh + dskips.pop())  # s0 = conv_in's output, the last one left
-        self.time_embedding.backward(dtemb)  # fills the time MLP's grads; t itself gets no gradient
+        self.time_embedding.backward(dtemb)  # fills the time MLP's (and w's projection's) grads; t, w get none
         return dx, dcontext
 
     def _check_inputs(self, x, t, context, context_mask):
@@ -306,12 +317,18 @@ class UNet(Module):
             if context_mask.dtype != bool or tuple(context_mask.shape) != tuple(context.shape[:2]):
                 raise ValueError(f"context_mask must be a bool array of shape {tuple(context.shape[:2])}, "
                                  f"got {context_mask.dtype} {tuple(context_mask.shape)}")
-        t = xp.asarray(t, dtype=x.dtype)
-        if t.ndim == 0:
-            t = xp.full((b,), t, dtype=x.dtype)  # one timestep for the whole batch
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"UNet expects timesteps t of shape (B={b},) or a scalar, got {tuple(t.shape)}")
-        return t
+        return self._per_sample(t, x, "timesteps t")
+
+    @staticmethod
+    def _per_sample(value, x, what: str):
+        """A scalar or (B,) input as a (B,) array of x's dtype, or a clear error."""
+        xp, b = get_xp(x, value), x.shape[0]
+        value = xp.asarray(value, dtype=x.dtype)
+        if value.ndim == 0:
+            value = xp.full((b,), value, dtype=x.dtype)  # one value for the whole batch
+        if tuple(value.shape) != (b,):
+            raise ValueError(f"UNet expects {what} of shape (B={b},) or a scalar, got {tuple(value.shape)}")
+        return value
 
     # -- classifier-free guidance: the learned "no prompt" context ------------------------------
     def null_context(self, batch: int):
