@@ -66,8 +66,9 @@ def layer_norm(x, eps=1e-6):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
 
 
-def gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+def gelu(x):
+    """x Φ(x), Φ(x) = ½(1 + erf(x/√2)) (the exact GELU)."""
+    return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
 def naive_joint_attention(attn, hx, hc, mask):
@@ -104,7 +105,7 @@ def reference_block(block, x, ctx, c_act, mask):
     def stream(h, a, m, ff):
         h = h + m[2][:, None] * a  # x + α₁ ⊙ attn
         g = layer_norm(h) * (1 + m[4][:, None]) + m[3][:, None]
-        return h + m[5][:, None] * lin(ff[2], gelu_tanh(lin(ff[0], g)))  # + α₂ ⊙ MLP
+        return h + m[5][:, None] * lin(ff[2], gelu(lin(ff[0], g)))  # + α₂ ⊙ MLP
 
     mx = np.split(lin(block.adaLN_modulation, c_act), 6, axis=1)  # β₁ γ₁ α₁ β₂ γ₂ α₂
     hx = layer_norm(x) * (1 + mx[1][:, None]) + mx[0][:, None]

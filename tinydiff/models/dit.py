@@ -26,8 +26,8 @@ image token sees every word and every word every image token:
     o_x = O[:N] W_o,   o_c = O[N:] W_o^ctx          (N image tokens first, then L text tokens)
 
 Separate weights per stream (rather than one shared set) is SD3's choice: text states and latent
-patches have very different statistics, and the paper found the separate weights better than
-shared ones (§5.1). The prompt's padding mask M hides padded text tokens from every query as
+patches have very different statistics, and in the paper's backbone comparison (§5) MM-DiT
+beat DiT with shared weights over the concatenated sequence, CrossDiT and UViT. The prompt's padding mask M hides padded text tokens from every query as
 keys. In the last block the text stream's output is never used, so — as SD3's last block
 (``context_pre_only``) — text tokens there only give keys and values: no text queries, no
 text output projection, no text MLP (no parameter that never receives a gradient).
@@ -284,8 +284,9 @@ class JointAttention(Attention):
 
 
 def _mlp(dim: int, ratio: int, generator) -> Sequential:
-    """Linear → GELU (tanh form, as DiT and SD3) → Linear."""
-    return Sequential([Linear(dim, ratio * dim, generator=generator), GELU("tanh"),
+    """Linear → GELU → Linear. DiT and SD3 use GELU's tanh approximation; the exact GELU (the
+    U-Net's and the text encoder's) is the function it approximates, and the faster one here."""
+    return Sequential([Linear(dim, ratio * dim, generator=generator), GELU(),
                        Linear(ratio * dim, dim, generator=generator)])
 
 
