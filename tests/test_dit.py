@@ -30,6 +30,9 @@ def tiny_config(**overrides):
     return DiTConfig(**fields)
 
 
+UNCONDITIONAL = dict(context_dim=None, context_length=None, learned_null_context=False)
+
+
 def tiny_inputs(gen, dtype=np.float64):
     x = gen.standard_normal((2, 2, 4, 4)).astype(dtype)
     t = np.array([3, 700])  # integer timesteps: cast by the model, skipped by gradcheck_module
@@ -72,20 +75,20 @@ def gelu(x):
 
 
 def naive_joint_attention(attn, hx, hc, mask):
-    """Loops over samples, heads and queries; a query attends to every image token and to the
-    real text tokens, softmax written out."""
+    """Loops over samples, heads and queries: every query (the image tokens', then the text
+    tokens' unless the block is ``context_pre_only``) attends to every image token and to the
+    real text tokens; softmax written out."""
     b, n, d = hx.shape
     heads, dh = attn.heads, attn.dim_head
-    tokens = [np.concatenate([hx[i], hc[i]]) if hc is not None else hx[i] for i in range(b)]
-    out_x, out_c = np.zeros_like(hx), None if attn.to_add_out is None or hc is None else np.zeros_like(hc)
+    text_queries = attn.add_q_proj is not None
+    out_x, out_c = np.zeros_like(hx), np.zeros_like(hc) if text_queries else None
     for i in range(b):
-        seq = tokens[i]
-        q_img = hx[i] @ attn.to_q.weight.data.T
-        q_txt = hc[i] @ attn.add_q_proj.weight.data.T if out_c is not None else np.zeros((0, d))
-        q = np.concatenate([q_img, q_txt])
-        k = np.concatenate([hx[i] @ attn.to_k.weight.data.T] + ([hc[i] @ attn.add_k_proj.weight.data.T] if hc is not None else []))
-        v = np.concatenate([hx[i] @ attn.to_v.weight.data.T] + ([hc[i] @ attn.add_v_proj.weight.data.T] if hc is not None else []))
-        allowed = [j for j in range(len(seq)) if j < n or mask is None or mask[i, j - n]]
+        q = hx[i] @ attn.to_q.weight.data.T
+        if text_queries:
+            q = np.concatenate([q, hc[i] @ attn.add_q_proj.weight.data.T])
+        k = np.concatenate([hx[i] @ attn.to_k.weight.data.T, hc[i] @ attn.add_k_proj.weight.data.T])
+        v = np.concatenate([hx[i] @ attn.to_v.weight.data.T, hc[i] @ attn.add_v_proj.weight.data.T])
+        allowed = [j for j in range(len(k)) if j < n or mask is None or mask[i, j - n]]
         o = np.zeros((len(q), d))
         for h in range(heads):
             cols = slice(h * dh, (h + 1) * dh)
@@ -95,7 +98,7 @@ def naive_joint_attention(attn, hx, hc, mask):
                 w /= w.sum()
                 o[r, cols] = sum(wj * v[j, cols] for wj, j in zip(w, allowed))
         out_x[i] = lin(attn.to_out, o[:n])
-        if out_c is not None:
+        if text_queries:
             out_c[i] = lin(attn.to_add_out, o[n:])
     return out_x, out_c
 
@@ -130,7 +133,7 @@ def test_dit_gradcheck_every_parameter_input_and_context():
 @pytest.mark.parametrize("unconditional", [True, False])
 def test_dit_gradcheck_without_context(unconditional):
     """An unconditional DiT (no text stream), and a conditional one called without a context."""
-    cfg = tiny_config(context_dim=None, context_length=None, learned_null_context=False) if unconditional else tiny_config()
+    cfg = tiny_config(**UNCONDITIONAL) if unconditional else tiny_config()
     gen = np.random.default_rng(1)
     dit = unzero(DiT(cfg, seed=2).double(), gen)
     x = gen.standard_normal((2, 2, 4, 4))
@@ -326,7 +329,7 @@ def test_attention_callback_kinds():
     dit.set_attention_callback(None)
     assert not dit.has_attention_callbacks
     with pytest.raises(ValueError, match="no text tokens"):
-        DiT(tiny_config(context_dim=None, context_length=None, learned_null_context=False)).set_attention_callback(print)
+        DiT(tiny_config(**UNCONDITIONAL)).set_attention_callback(print)
 
 
 def test_drop_in_for_denoiser_sampler_and_training_step():
@@ -379,7 +382,7 @@ def test_backends_match_numpy(backends):
 
 def test_overfits_eight_latents():
     """AdamW drives the ε-prediction loss on 8 fixed (latent, noise, t) triples far down."""
-    dit = DiT(tiny_config(width=16, context_dim=None, context_length=None, learned_null_context=False), seed=0)
+    dit = DiT(tiny_config(width=16, **UNCONDITIONAL), seed=0)
     gen = np.random.default_rng(17)
     x0 = gen.standard_normal((8, 2, 4, 4)).astype(np.float32)
     noise = gen.standard_normal((8, 2, 4, 4)).astype(np.float32)
@@ -400,7 +403,7 @@ def test_overfits_eight_latents():
 
 def test_clear_errors():
     cond = DiT(tiny_config())
-    uncond = DiT(tiny_config(context_dim=None, context_length=None, learned_null_context=False))
+    uncond = DiT(tiny_config(**UNCONDITIONAL))
     x, t, context, mask = tiny_inputs(np.random.default_rng(18), np.float32)
     with pytest.raises(ValueError, match=r"x of shape \(B, 2, H, W\)"):
         cond(np.zeros((2, 3, 4, 4), np.float32), t)

@@ -27,8 +27,8 @@ image token sees every word and every word every image token:
 
 Separate weights per stream (rather than one shared set) is SD3's choice: text states and latent
 patches have very different statistics, and in the paper's backbone comparison (§5) MM-DiT
-beat DiT with shared weights over the concatenated sequence, CrossDiT and UViT. The prompt's padding mask M hides padded text tokens from every query as
-keys. In the last block the text stream's output is never used, so — as SD3's last block
+beat DiT with shared weights over the concatenated sequence, CrossDiT and UViT. The prompt's
+padding mask M hides padded text tokens from every query as keys. In the last block the text stream's output is never used, so — as SD3's last block
 (``context_pre_only``) — text tokens there only give keys and values: no text queries, no
 text output projection, no text MLP (no parameter that never receives a gradient).
 
@@ -357,7 +357,8 @@ class JointTransformerBlock(Module):
         dhx, dhc = self.attn.backward(dax, dac)
         dx1, dshift_msa, dscale_msa = adaptive_layer_norm_backward(dhx, norm_x)
         dx += dx1
-        dc_act = self.adaLN_modulation.backward(xp.concatenate([dshift_msa, dscale_msa] + dmod_x, axis=1))  # (B, 6D) → (B, D)
+        dmod = xp.concatenate([dshift_msa, dscale_msa] + dmod_x, axis=1)  # 6 × (B, D) → (B, 6D), chunk order
+        dc_act = self.adaLN_modulation.backward(dmod)  # (B, D)
         if norm_c is not None:
             dc1, dshift_c, dscale_c = adaptive_layer_norm_backward(dhc, norm_c)
             dcontext = add_grads(dcontext, dc1)  # the last block: the LN path is the only one
@@ -392,7 +393,8 @@ class DiT(Module):
         gen = rng(seed) if generator is None else generator  # the initial weights depend on the seed only
         self.config = config
         d, p, cond = config.width, config.patch_size, config.context_dim is not None
-        self.patch_embed = Linear(config.in_channels * p * p, d, generator=gen)  # DiT's Conv2d(C, D, p, stride=p) as a Linear
+        # DiT's patch embedding Conv2d(C, D, p, stride=p), written as the Linear it is on patches
+        self.patch_embed = Linear(config.in_channels * p * p, d, generator=gen)
         self.time_embedding = TimestepEmbedding(config.timestep_dim, d, generator=gen)
         self.context_embedder = Linear(config.context_dim, d, generator=gen) if cond else None
         # SD3's text_embedder has this very shape, Linear → SiLU → Linear (here on the masked mean)
