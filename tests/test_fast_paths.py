@@ -186,3 +186,38 @@ def test_gelu_uses_the_fast_erf_on_float32_only_and_the_reference_switch_restore
     x64 = x[:, :100].astype(np.float64)  # float64 (gradient checks, references): scipy's erf always
     out64, _ = activations.gelu_forward(x64)
     np.testing.assert_array_equal(out64, x64 * (0.5 * (1.0 + scipy.special.erf(x64 * (1.0 / np.sqrt(2.0))))))
+
+
+# --------------------------------------------------------------------------- the training step
+
+def test_the_reference_switch_runs_the_one_process_diffusion_step_whatever_threads_says():
+    """Under ``use_reference`` a step asked to split its rows over 3 cores runs
+    ``reference_step`` in this process: no worker starts, and loss and gradients are bitwise
+    those of threads=1 (the split step sums blocks scaled by 3/8, 3/8, 2/8: other roundings;
+    both runs use the reference layers, whose rounding differs from the fast ones')."""
+    import multiprocessing
+
+    from tinydiff.models import UNet, UNetConfig
+    from tinydiff.nn import Embedding
+    from tinydiff.train.diffusion import DiffusionTrainingConfig, LabelConditioning, diffusion_grads
+
+    config = UNetConfig(in_channels=1, out_channels=1, sample_size=8, block_channels=(8, 16), layers_per_block=1,
+                        attention_levels=(False, True), context_dim=8, context_length=1, learned_null_context=True,
+                        heads=2, dim_head=4, groups=4, time_embed_dim=16)
+    gen = np.random.default_rng(0)
+    data, labels = gen.uniform(-1, 1, (32, 1, 8, 8)), gen.integers(0, 10, 32)
+    results = {}
+    for threads in (1, 3):
+        unet, embedding = UNet(config, seed=1).double(), Embedding(10, 8, generator=np.random.default_rng(2)).double()
+        step = diffusion_grads(unet, data, DiffusionTrainingConfig(batch_size=8, cond_drop_prob=0.3),
+                               LabelConditioning(embedding, labels), threads=threads)
+        with backend.use_reference():
+            loss, logs = step(0, np.random.default_rng(5))
+            assert multiprocessing.active_children() == []  # no gradient workers were started
+        step.close()
+        grads = [p.grad.copy() for p in unet.parameters() + embedding.parameters()]
+        results[threads] = (loss, logs, grads)
+    (loss1, logs1, g1), (loss3, logs3, g3) = results[1], results[3]
+    assert loss3 == loss1 and logs3 == logs1 and logs1["dropped"] > 0
+    for a, b in zip(g1, g3):
+        np.testing.assert_array_equal(a, b)

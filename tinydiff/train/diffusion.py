@@ -18,26 +18,30 @@ A *conditioning* is any object with
 
 so the same step trains the class-conditional pixel model and the text-conditional latent model.
 
-**Several cores.** With ``threads`` > 1 (NumPy only) the batch is cut into that many blocks of
-rows. This process runs forward and backward on the first block while worker processes run the
-others, each on its own replica of the U-Net that shares the weights (``parallel.GradientWorkers``,
-which says why processes and not Python threads); the replicas' gradients are then added into the
-U-Net's. The loss is a mean over the whole batch, so each block's loss and gradient are scaled by
-its share of the rows, and the result equals the one-core step up to float rounding (tested).
+**The step, read first:** ``draw_batch`` (the draws of lines 2–4 of Algorithm 1, and the
+conditioning) and ``reference_step`` (line 5: forward, loss, backward, in one process).
+
+**Several cores.** With ``threads`` > 1 (NumPy only) the same batch is cut into that many blocks
+of rows, and this process runs one block while worker processes run the others
+(``parallel.ParallelDiffusionStep``). The loss is a mean over the whole batch, so each block's
+loss and gradient are scaled by its share of the rows, and the result equals the reference step
+up to float rounding (tested). Under ``backend.use_reference()`` the reference step runs whatever
+``threads`` says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import backend_of, get_xp, row_blocks, to_device
+from ..backend import backend_of, reference_enabled, to_device
 from ..diffusion.config import DiffusionConfig
 from ..diffusion.noise import alphas_cumprod_at, check_prediction_type, loss_weights, prediction_target, q_sample
 from ..models.unet import UNet
 from ..nn import Embedding, mse_loss
-from .parallel import GradientWorkers
+from .parallel import ParallelDiffusionStep
 
 
 @dataclass
@@ -68,17 +72,67 @@ class LabelConditioning:
         self.embedding.backward(dcontext[:, 0, :])
 
 
-def block_grads(unet: UNet, x_t, t, target, weights, context, mask, share: float):
-    """Forward and backward of one block of a batch's rows, whose ``share`` of the rows scales
-    its loss (a mean over the block) to its part of the batch's mean. Returns (loss part, dcontext)."""
-    pred = unet(x_t, t, context, mask)
-    loss, dpred = mse_loss(pred, target, weights)
-    _, dcontext = unet.backward(dpred * share)
-    return loss * share, dcontext
+class DiffusionBatch(NamedTuple):
+    """What one step trains on: the network's inputs, the regression target and its weights."""
+
+    indices: np.ndarray  # (B,) rows of the training set (x0's labels or captions)
+    x_t: object  # (B, C, H, W) the noised images √ᾱ_t x0 + √(1 − ᾱ_t) ε
+    t: object  # (B,) their timesteps, as floats for the network
+    target: object  # (B, C, H, W) what the network should predict (ε, v or x0)
+    weights: object  # (B,) the loss weight w(t_b) of each row
+    context: object  # (B, L, D) the conditioning's context (null where dropped), or None
+    mask: object  # (B, L) its key mask, or None
+    dropped: np.ndarray | None  # (B,) bool: rows trained on the null context (None: unconditional)
+
+
+def draw_batch(unet: UNet, data, schedule, config: DiffusionTrainingConfig, conditioning, generator) -> DiffusionBatch:
+    """Lines 2–4 of Algorithm 1, and the conditioning: x0, t, ε and the dropped rows, drawn from
+    ``generator`` in this fixed order (so that a run is reproducible and resumes exactly)."""
+    backend, dtype = backend_of(data), data.dtype
+    b = config.batch_size
+    idx = generator.integers(0, data.shape[0], size=b)  # x0 ~ data
+    t = generator.integers(0, schedule.num_timesteps, size=b)  # t ~ U{0, …, T−1}
+    noise = to_device(generator.standard_normal((b,) + data.shape[1:]).astype(dtype), backend)  # ε ~ N(0, I)
+    dropped = generator.random(b) < config.cond_drop_prob
+    x0 = data[to_device(idx, backend)]
+    x_t = q_sample(x0, t, noise, schedule)  # eq. 4
+    alpha_bar = alphas_cumprod_at(schedule, t, x0)  # (B, 1, 1, 1)
+    target = prediction_target(x0, noise, alpha_bar, config.prediction_type)
+    weights = to_device(loss_weights(schedule, t, config.prediction_type, config.loss_weighting,
+                                     config.min_snr_gamma), backend, dtype=dtype)
+    context = mask = None
+    if conditioning is not None:
+        context, mask = conditioning.encode(idx, generator)
+        if config.cond_drop_prob > 0:
+            context, mask = unet.replace_with_null_context(context, mask, to_device(dropped, backend))
+    return DiffusionBatch(idx, x_t, to_device(t.astype(dtype), backend), target, weights, context, mask,
+                          dropped if conditioning is not None else None)
+
+
+def context_backward(unet: UNet, conditioning, batch: DiffusionBatch, dcontext, config: DiffusionTrainingConfig):
+    """Send the context's gradient on: the dropped rows' part to the null context, the others'
+    to the conditioning (a label embedding trained jointly; a frozen text encoder ignores it)."""
+    if conditioning is None:
+        return
+    if config.cond_drop_prob > 0:
+        dcontext = unet.null_context_backward(dcontext, to_device(batch.dropped, backend_of(dcontext)))
+    conditioning.backward(dcontext)
+
+
+def reference_step(unet: UNet, batch: DiffusionBatch, conditioning, config: DiffusionTrainingConfig) -> float:
+    """Line 5 of Algorithm 1 in one process: L = mean_b w(t_b) ‖F(x_t, t, context) − target‖²
+    (eq. 14 for target = ε, w = 1), and its gradient added into every parameter's ``.grad``.
+    Returns the loss."""
+    pred = unet(batch.x_t, batch.t, batch.context, batch.mask)
+    loss, dpred = mse_loss(pred, batch.target, batch.weights)
+    _, dcontext = unet.backward(dpred)
+    context_backward(unet, conditioning, batch, dcontext, config)
+    return loss
 
 
 def diffusion_grads(unet: UNet, data, config: DiffusionTrainingConfig, conditioning=None, *, threads: int = 1):
-    """The ``compute_grads(step, generator)`` for ``train_loop``: one step of Algorithm 1.
+    """The ``compute_grads(step, generator)`` for ``train_loop``: one step of Algorithm 1,
+    ``draw_batch`` then ``reference_step`` (or its split over cores).
 
     ``data`` is the whole training set x0 (N, C, H, W) on the model's device (float32, pixels in
     [−1, 1] or scaled latents); batches, timesteps, noise and dropout are drawn from ``generator``
@@ -91,48 +145,17 @@ def diffusion_grads(unet: UNet, data, config: DiffusionTrainingConfig, condition
     if conditioning is not None and not unet.config.learned_null_context and config.cond_drop_prob > 0:
         raise ValueError("conditioning dropout needs a UNet built with learned_null_context=True")
     schedule = config.make_schedule()
-    backend, dtype = backend_of(data), data.dtype
-    n, b = data.shape[0], config.batch_size
-    blocks = row_blocks(b, threads if backend == "numpy" else 1)
-    workers = []  # the GradientWorkers, once started
-
-    def run_blocks(*arrays):
-        """block_grads on each block of rows: here alone, or here and in the workers at once."""
-        per_block = [tuple(None if a is None else a[rows] for a in arrays) + ((rows.stop - rows.start) / b,)
-                     for rows in blocks]
-        if len(blocks) == 1:
-            return [block_grads(unet, *per_block[0])]
-        if not workers or workers[0].closed:  # the first step, or the one after an interrupted step
-            workers[:] = [GradientWorkers(unet, len(blocks) - 1)]
-        return workers[0].run(block_grads, per_block)
+    blocks = min(threads, config.batch_size) if backend_of(data) == "numpy" else 1
+    parallel = ParallelDiffusionStep(unet, blocks) if blocks > 1 else None
 
     def compute_grads(step, generator):
-        idx = generator.integers(0, n, size=b)
-        t = generator.integers(0, schedule.num_timesteps, size=b)
-        noise = to_device(generator.standard_normal((b,) + data.shape[1:]).astype(dtype), backend)
-        dropped_np = generator.random(b) < config.cond_drop_prob
-        x0 = data[to_device(idx, backend)]
-        x_t = q_sample(x0, t, noise, schedule)
-        alpha_bar = alphas_cumprod_at(schedule, t, x0)  # (B, 1, 1, 1)
-        target = prediction_target(x0, noise, alpha_bar, config.prediction_type)
-        weights = to_device(loss_weights(schedule, t, config.prediction_type, config.loss_weighting,
-                                         config.min_snr_gamma), backend, dtype=dtype)
+        batch = draw_batch(unet, data, schedule, config, conditioning, generator)
+        if parallel is None or reference_enabled():
+            loss = reference_step(unet, batch, conditioning, config)
+        else:  # the same, with the rows split over this process and the workers
+            loss, dcontext = parallel(batch.x_t, batch.t, batch.target, batch.weights, batch.context, batch.mask)
+            context_backward(unet, conditioning, batch, dcontext, config)
+        return loss, {"dropped": int(batch.dropped.sum()) if batch.dropped is not None else 0}
 
-        context = mask = None
-        if conditioning is not None:
-            context, mask = conditioning.encode(idx, generator)
-            dropped = to_device(dropped_np, backend)
-            if config.cond_drop_prob > 0:
-                context, mask = unet.replace_with_null_context(context, mask, dropped)
-        t_in = to_device(t.astype(dtype), backend)
-        results = run_blocks(x_t, t_in, target, weights, context, mask)
-        loss = sum(part for part, _ in results)
-        if conditioning is not None:
-            dcontext = get_xp(x_t).concatenate([d for _, d in results])  # (B, L, D)
-            if config.cond_drop_prob > 0:
-                dcontext = unet.null_context_backward(dcontext, dropped)
-            conditioning.backward(dcontext)
-        return loss, {"dropped": int(dropped_np.sum()) if conditioning is not None else 0}
-
-    compute_grads.close = lambda: workers and workers.pop().close()
+    compute_grads.close = lambda: parallel is not None and parallel.close()
     return compute_grads

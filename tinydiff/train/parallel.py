@@ -38,8 +38,8 @@ import weakref
 
 import numpy as np
 
-from ..backend import blas_threads
-from ..nn import Module
+from ..backend import blas_threads, row_blocks
+from ..nn import Module, mse_loss
 
 _ALIGN = 64  # bytes: each parameter's view starts on a cache line
 
@@ -225,3 +225,45 @@ class GradientWorkers:
     def close(self) -> None:
         """Stop the workers (also done when this object is garbage-collected)."""
         self._finalizer()
+
+
+# --------------------------------------------------------------------------- a diffusion step
+
+def block_grads(unet, x_t, t, target, weights, context, mask, share: float):
+    """Forward and backward of one block of a batch's rows (``train.diffusion.reference_step`` on
+    fewer rows), whose ``share`` of the batch scales its loss (a mean over the block) to its part
+    of the batch's mean. Returns (loss part, dcontext or None). Runs in a worker or in the main
+    process; module-level, so that it is pickled by name."""
+    pred = unet(x_t, t, context, mask)
+    loss, dpred = mse_loss(pred, target, weights)
+    _, dcontext = unet.backward(dpred * share)
+    return loss * share, dcontext
+
+
+class ParallelDiffusionStep:
+    """The diffusion training step's forward and backward with the batch's rows cut into
+    ``blocks`` blocks: the first runs here, the others in ``blocks`` − 1 ``GradientWorkers``,
+    started at the first call (and again after a call that failed, which stops them).
+
+    ``step(x_t, t, target, weights, context, mask)`` adds the batch's gradient into the U-Net's
+    ``.grad`` and returns (loss, dcontext (B, L, D) or None), the same as one process computes up
+    to float rounding: Σ_blocks share · mean over the block = the mean over the batch."""
+
+    def __init__(self, unet: Module, blocks: int):
+        self.unet, self.blocks, self.workers = unet, blocks, None
+
+    def __call__(self, *arrays):
+        b = arrays[0].shape[0]
+        per_block = [tuple(None if a is None else a[rows] for a in arrays) + ((rows.stop - rows.start) / b,)
+                     for rows in row_blocks(b, self.blocks)]
+        if self.workers is None or self.workers.closed:  # the first step, or the one after an interrupted step
+            self.workers = GradientWorkers(self.unet, len(per_block) - 1)
+        results = self.workers.run(block_grads, per_block)
+        loss = sum(part for part, _ in results)
+        dcontexts = [d for _, d in results]
+        return loss, None if dcontexts[0] is None else np.concatenate(dcontexts)  # (B, L, D)
+
+    def close(self) -> None:
+        """Stop the workers, if any are running."""
+        if self.workers is not None:
+            self.workers.close()
