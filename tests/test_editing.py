@@ -83,10 +83,47 @@ def test_img2img_starts_from_the_latent_noised_to_the_kept_sigma(pipe, digits):
     np.testing.assert_array_equal(seen[0]["x"], z0 + eps * float(sigmas[5]))
 
 
-def test_generate_from_the_seeded_noise_is_the_pipeline(pipe):
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+def test_latents_given_as_the_seeded_noise_are_the_pipeline(pipe, sampler):
+    """With the seed's own draw as latents, every sampler (ddpm: its step noise too) gives pipe(seed=…)."""
     noise = randn_per_sample(per_sample_generators(5, 3), (3, 4, 8, 8))
-    expected = pipe("a thin 7", num_images=3, seed=5, steps=5)
-    np.testing.assert_array_equal(editing.generate_from_latents(pipe, noise, "a thin 7", seed=5, steps=5), expected)
+    expected = pipe("a thin 7", num_images=3, seed=5, steps=5, sampler=sampler)
+    got = pipe("a thin 7", latents=noise, seed=5, steps=5, sampler=sampler)  # num_images from the latents
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_latents_start_the_loop_at_sigma_0_times_the_noise(pipe):
+    noise = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    seen = []
+    pipe(["a 1", "a 2"], latents=noise, steps=3, sampler="euler", callback=seen.append)
+    sigma_0 = pipe.defaults.sigma_max  # the karras grid starts at the default σ_max
+    assert seen[0]["sigma"] == pytest.approx(sigma_0)
+    np.testing.assert_allclose(seen[0]["x"], noise * np.float32(seen[0]["sigma"]), rtol=1e-6)
+    one = pipe("a 1", latents=noise[0], steps=3, sampler="euler")  # one (4, 8, 8) latent: one image
+    assert one.shape == (1, 28, 28)
+
+
+def test_pipeline_methods_pass_their_options_to_the_editors(pipe, digits):
+    images, labels = digits
+    images, prompts = images[:2], [f"a {d}" for d in labels[:2]]
+    np.testing.assert_array_equal(pipe.img2img(images, prompts, 0.5, steps=4, seed=1),
+                                  editing.img2img(pipe, images, prompts, 0.5, steps=4, seed=1))
+    assert not np.array_equal(pipe.img2img(images, prompts, 0.5, steps=4, seed=1),
+                              pipe.img2img(images, prompts, 0.75, steps=4, seed=1))
+    mask = editing.bottom_half_mask(2)
+    for jumps, eta in [(1, 1.0), (0, 0.5)]:
+        np.testing.assert_array_equal(pipe.inpaint(images, mask, prompts, jumps=jumps, eta=eta, steps=3, seed=2),
+                                      editing.inpaint(pipe, images, mask, prompts, jumps=jumps, eta=eta, steps=3, seed=2))
+    assert not np.array_equal(pipe.inpaint(images, mask, prompts, jumps=1, steps=3, seed=2),
+                              pipe.inpaint(images, mask, prompts, steps=3, seed=2))
+    assert not np.array_equal(pipe.inpaint(images, mask, prompts, eta=0.5, steps=3, seed=2),
+                              pipe.inpaint(images, mask, prompts, steps=3, seed=2))
+    refined = pipe.invert(images, prompts, steps=3, guidance_scale=1.5, iterations=1)
+    np.testing.assert_array_equal(refined, editing.invert(pipe, images, prompts, steps=3, guidance_scale=1.5,
+                                                          iterations=1))
+    assert not np.array_equal(refined, pipe.invert(images, prompts, steps=3, guidance_scale=1.5))
+    assert not np.array_equal(refined, pipe.invert(images, prompts, steps=3, iterations=1))
+    assert refined.shape == (2, 4, 8, 8)
 
 
 # --- inversion --------------------------------------------------------------------------------
@@ -144,8 +181,7 @@ def test_inversion_with_the_shipped_model_reconstructs_better_with_more_steps(pi
     errors = []
     for steps in (10, 20, 50):
         noise = editing.invert(pipe, images, prompts, steps=steps)
-        _, z = editing.generate_from_latents(pipe, noise, prompts, sampler="ddim", steps=steps, guidance_scale=1.0,
-                                             return_latents=True)
+        _, z = pipe(prompts, latents=noise, sampler="ddim", steps=steps, guidance_scale=1.0, return_latents=True)
         errors.append(rms(z, z0))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.6 * errors[0], errors
 
@@ -254,7 +290,8 @@ def _bad_inputs(tmp_path, pipe, images):
         ("mask shape", lambda: editing.inpaint(pipe, images, np.ones((4, 8, 8), bool), "a 3"), "28×28"),
         ("mask values", lambda: editing.inpaint(pipe, images, np.full((28, 28), 2.0), "a 3"), "mask must be"),
         ("negative jumps", lambda: editing.inpaint(pipe, images, mask, "a 3", jumps=-1), "jumps"),
-        ("latent shape", lambda: editing.generate_from_latents(pipe, np.zeros((2, 4, 4, 4)), "a 3"), "latents"),
+        ("latent shape", lambda: pipe("a 3", latents=np.zeros((2, 4, 4, 4))), "latents"),
+        ("latent count", lambda: pipe(["a 3"] * 3, latents=np.zeros((2, 4, 8, 8))), "3 prompts for 2 latents"),
         ("iterations", lambda: editing.invert(pipe, images, "a 3", iterations=-2), "iterations"),
     ]
 

@@ -20,9 +20,11 @@ Inputs. An image is a PNG path, a ``.npy`` path, or an array: uint8 digits (28, 
 the same forms, white/True = regenerate (``load_masks``). Anything else raises
 ``EditInputError``, a ValueError whose one-line message names the problem and the fix.
 
-The functions take the pipeline as their first argument, so each can become a method
-(``pipe.img2img(...)``); ``generate_from_latents`` is ``pipe(prompt, ...)`` with given initial
-noise in place of the seeded draw.
+The editors take the pipeline as their first argument and are its methods too
+(``pipe.img2img(...)``, ``pipe.inpaint(...)``, ``pipe.invert(...)``). They reuse the pipeline's
+pieces rather than copies: ``pipe.sampling_options`` (defaults and checks), ``pipe.make_denoiser``
+(step 1), ``pipe.decode`` (steps 4–5). Regenerating from inverted noise is the pipeline itself:
+``pipe(prompt, latents=noise)`` starts from σ_0 · noise instead of the seeded draw.
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import DEFAULT_DTYPE, backend_of, get_xp, map_rows, to_device, to_numpy
-from .data.mnist import IMAGE_SIZE, PAD, from_model_range, load_mnist, to_model_range, train_test_split
-from .diffusion import Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
+from .backend import DEFAULT_DTYPE, backend_of, get_xp, to_device, to_numpy
+from .data.mnist import IMAGE_SIZE, PAD, load_mnist, to_model_range, train_test_split
+from .diffusion import get_sampler, per_sample_generators, randn_per_sample
 from .diffusion.samplers import ancestral_step, to_d, validate_sigmas
 from .metrics import psnr
 from .nn import no_grad
-from .pipeline import _check_options
 
 
 class EditInputError(ValueError):
@@ -176,89 +177,30 @@ def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return blocks.any(axis=(2, 4))[:, None]  # (N, 1, 8, 8)
 
 
-# =========================================================================== the loop, shared
-
-def _options(pipe, steps, sampler, sigma_schedule, guidance_scale, sigma_max, prompts) -> dict:
-    """The pipeline's defaults filled in and checked, as ``TextToImagePipeline.__call__`` does."""
-    d = pipe.defaults
-    options = {"steps": d.steps if steps is None else steps,
-               "sampler": d.sampler if sampler is None else sampler,
-               "sigma_schedule": d.sigma_schedule if sigma_schedule is None else sigma_schedule,
-               "guidance_scale": d.guidance_scale if guidance_scale is None else guidance_scale,
-               "sigma_max": d.sigma_max if sigma_max is None else sigma_max}
-    _check_options(prompts, options["steps"], options["sampler"], options["sigma_schedule"],
-                   options["guidance_scale"])
-    options["sigmas"] = get_sigmas(pipe.schedule, options["steps"], options["sigma_schedule"],
-                                   sigma_max=options["sigma_max"])  # (steps + 1,), ends with 0
-    return options
-
-
-def make_denoiser(pipe, prompts: list[str], negative_prompt: str | None, guidance_scale: float) -> Denoiser:
-    """Step 1 of the pipeline: D(x, σ) with the prompts' context and CFG against the negative
-    prompt (or the U-Net's learned null context), the U-Net run on blocks of rows (map_rows)."""
-    context = pipe.encode_prompt(prompts)  # (B, L, D)
-    if negative_prompt:
-        uncond = pipe.encode_prompt([negative_prompt] * len(prompts))
-    else:
-        uncond = pipe.unet.null_context(len(prompts))  # (B, L, D)
-    threads = 1 if pipe.unet.has_attention_callbacks else pipe.threads
-    return Denoiser(lambda x, t, c: map_rows(pipe.unet, x, t, c, threads=threads), pipe.schedule,
-                    pipe.diffusion.prediction_type, context=context, uncond_context=uncond,
-                    guidance_scale=guidance_scale)
-
+# =========================================================================== latents
 
 def encode(pipe, images: np.ndarray):
     """uint8 digits (N, 28, 28) → z0 = s · μ (N, 4, 8, 8) on the pipeline's backend.
 
     μ is the VAE posterior's mean (a sample μ + σ_post·ε would add noise the seed does not fix).
+    The inverse of ``pipe.decode`` (the pipeline's steps 4–5) up to the VAE's reconstruction error.
     """
     return pipe.vae.encode_for_diffusion(to_model_range(images))
 
 
-def decode(pipe, z0) -> np.ndarray:
-    """Steps 4–5 of the pipeline: latents (N, 4, 8, 8) → uint8 digits (N, 28, 28)."""
-    with no_grad():
-        x = map_rows(pipe.vae.decode_from_diffusion, z0, threads=pipe.threads)  # (N, 1, 32, 32) in [−1, 1]
-    return from_model_range(x)
+def check_noise(latents, shape: tuple[int, ...]) -> np.ndarray:
+    """Initial noise given to ``pipe(..., latents=...)`` → float32 NumPy (N, *shape), checked.
 
-
-def _sample_and_decode(pipe, x, sigmas, prompts, negative_prompt, options, generators, callback, return_latents):
-    """Steps 1, 3, 4, 5 of the pipeline from the start point x at sigmas[0]."""
-    denoiser = make_denoiser(pipe, prompts, negative_prompt, options["guidance_scale"])
-    with no_grad():
-        z0 = get_sampler(options["sampler"])(denoiser, x, sigmas, rng=generators, callback=callback)
-    images = decode(pipe, z0)
-    return (images, to_numpy(z0)) if return_latents else images
-
-
-def _latent_shape(pipe, batch: int) -> tuple[int, int, int, int]:
-    c = pipe.unet.config
-    return (batch, c.in_channels, c.sample_size, c.sample_size)
-
-
-def generate_from_latents(pipe, latents, prompt, *, negative_prompt=None, steps=None, sampler=None,
-                          sigma_schedule=None, guidance_scale=None, seed=None, sigma_max=None, callback=None,
-                          return_latents=False):
-    """Text-to-image from given initial noise: ``pipe(prompt, ...)`` with ε = ``latents``.
-
-    latents  unit-variance noise (N, 4, 8, 8) or (4, 8, 8), as ``invert`` returns and as the
-             pipeline draws it; the loop starts at z = σ_0 · ε. The seeded draw
-             ε = randn_per_sample(per_sample_generators(seed, N), …) gives exactly ``pipe(prompt,
-             seed=seed)``. ``seed`` still seeds the step noise of stochastic samplers.
-    To regenerate an inverted image use sampler "ddim" (or "euler", the same step) with the
-    steps, schedule, σ_max and guidance of the inversion.
+    latents  unit-variance noise (N, 4, 8, 8) or one (4, 8, 8), as ``invert`` returns it and as
+             the pipeline draws it; shape the latent shape (4, 8, 8).
     """
     noise = to_numpy(latents)
-    noise = noise[None] if noise.ndim == 3 else noise  # (N, 4, 8, 8)
-    latent = _latent_shape(pipe, 1)[1:]  # (4, 8, 8)
-    if noise.shape[1:] != latent or not np.isfinite(noise).all():
-        raise EditInputError(f"latents must be finite noise of shape (N, {', '.join(map(str, latent))}), "
+    noise = noise[None] if noise.ndim == len(shape) else noise  # (N, 4, 8, 8)
+    if noise.shape[1:] != tuple(shape) or not len(noise) or not np.issubdtype(noise.dtype, np.number) \
+            or not np.isfinite(noise).all():
+        raise EditInputError(f"latents must be finite noise of shape (N, {', '.join(map(str, shape))}), "
                              f"got shape {noise.shape}; pass what invert() returns")
-    prompts = _prompts(prompt, len(noise))
-    o = _options(pipe, steps, sampler, sigma_schedule, guidance_scale, sigma_max, prompts)
-    generators = per_sample_generators(seed, len(noise))
-    x = to_device(noise, pipe.backend, dtype=DEFAULT_DTYPE) * float(o["sigmas"][0])  # z = σ_0 · ε
-    return _sample_and_decode(pipe, x, o["sigmas"], prompts, negative_prompt, o, generators, callback, return_latents)
+    return noise.astype(DEFAULT_DTYPE, copy=False)
 
 
 # =========================================================================== image-to-image
@@ -297,18 +239,26 @@ def img2img(pipe, image, prompt, strength: float = 0.6, *, negative_prompt=None,
     batch = max(len(images), 1 if isinstance(prompt, str) else len(prompt))
     _match("images", len(images), batch)
     prompts = _prompts(prompt, batch)
-    o = _options(pipe, steps, sampler, sigma_schedule, guidance_scale, sigma_max, prompts)
-    tail = strength_sigmas(o["sigmas"], strength)  # (k + 1,)
-    generators = per_sample_generators(seed, batch)
-    noise = randn_per_sample(generators, _latent_shape(pipe, batch), backend=pipe.backend)  # ε (B, 4, 8, 8)
-    if len(tail) == len(o["sigmas"]):  # strength 1: text-to-image
-        x = noise * float(tail[0])
+    o = pipe.sampling_options(prompts, steps=steps, sampler=sampler, sigma_schedule=sigma_schedule,
+                              guidance_scale=guidance_scale, sigma_max=sigma_max)
+    sigmas = pipe.get_sigmas(o)  # (n + 1,)
+    tail = strength_sigmas(sigmas, strength)  # (k + 1,)
+    if len(tail) == len(sigmas):  # strength 1: text-to-image
+        return pipe(prompts, negative_prompt=negative_prompt, steps=o.steps, sampler=o.sampler,
+                    sigma_schedule=o.sigma_schedule, guidance_scale=o.guidance_scale, seed=seed, callback=callback,
+                    return_latents=return_latents, sigma_max=o.sigma_max)
+    z0 = encode(pipe, _repeat(images, batch))  # (B, 4, 8, 8)
+    if len(tail) == 1:  # strength 0: nothing to denoise, the result is the VAE round trip
+        z = z0
     else:
-        z0 = encode(pipe, _repeat(images, batch))  # (B, 4, 8, 8)
-        if len(tail) == 1:  # strength 0: nothing to denoise
-            return (decode(pipe, z0), to_numpy(z0)) if return_latents else decode(pipe, z0)
+        generators = per_sample_generators(seed, batch)
+        noise = randn_per_sample(generators, pipe.latent_shape(batch), backend=pipe.backend)  # ε (B, 4, 8, 8)
         x = z0 + noise * float(tail[0])  # x = z0 + σ ε
-    return _sample_and_decode(pipe, x, tail, prompts, negative_prompt, o, generators, callback, return_latents)
+        denoiser = pipe.make_denoiser(prompts, negative_prompt, o.guidance_scale)
+        with no_grad():
+            z = get_sampler(o.sampler)(denoiser, x, tail, rng=generators, callback=callback)
+    result = pipe.decode(z)  # (B, 28, 28) uint8: the pipeline's steps 4–5
+    return (result, to_numpy(z)) if return_latents else result
 
 
 # =========================================================================== inpainting
@@ -373,14 +323,15 @@ def inpaint(pipe, image, mask, prompt, *, jumps: int = 0, eta: float = 1.0, nega
     _match("images", len(images), batch)
     _match("masks", len(masks), batch)
     images, masks, prompts = _repeat(images, batch), _repeat(masks, batch), _prompts(prompt, batch)
-    o = _options(pipe, steps, "ddpm", sigma_schedule, guidance_scale, sigma_max, prompts)
-    denoiser = make_denoiser(pipe, prompts, negative_prompt, o["guidance_scale"])
+    o = pipe.sampling_options(prompts, steps=steps, sigma_schedule=sigma_schedule, guidance_scale=guidance_scale,
+                              sigma_max=sigma_max)
+    denoiser = pipe.make_denoiser(prompts, negative_prompt, o.guidance_scale)
     z0 = encode(pipe, images)  # (B, 4, 8, 8)
     cells = to_device(latent_mask(masks, pipe.vae.config.factor), pipe.backend)  # (B, 1, 8, 8)
     with no_grad():
-        z = inpaint_latents(denoiser, z0, cells, o["sigmas"], rng=per_sample_generators(seed, batch), eta=eta,
+        z = inpaint_latents(denoiser, z0, cells, pipe.get_sigmas(o), rng=per_sample_generators(seed, batch), eta=eta,
                             jumps=jumps, callback=callback)
-    result = np.where(masks, decode(pipe, z), images)  # (B, 28, 28): known pixels from the input
+    result = np.where(masks, pipe.decode(z), images)  # (B, 28, 28): known pixels from the input
     return (result, to_numpy(z)) if return_latents else result
 
 
@@ -422,8 +373,8 @@ def invert(pipe, image, prompt, *, steps=None, sigma_schedule=None, guidance_sca
 
     z0 = ``encode(image)`` is walked up the pipeline's σ grid by ``invert_latents`` (with
     ``iterations`` fixed-point refinements per step) and divided by σ_0, so ε is on the scale
-    of the pipeline's noise. Regenerate with ``generate_from_latents(pipe, ε, prompt,
-    sampler="ddim", steps=…, guidance_scale=…)`` and the same steps, schedule, σ_max and guidance.
+    of the pipeline's noise. Regenerate with ``pipe(prompt, latents=ε, sampler="ddim", steps=…,
+    guidance_scale=…)`` (or "euler", the same step) and the same steps, schedule, σ_max and guidance.
     Guidance defaults to 1 (the prompt alone): with w > 1 the guided x̂0 drifts from the one the
     inversion followed, and the reconstruction degrades (Mokady et al. 2022; ``measure_inversion``
     measures it).
@@ -432,12 +383,14 @@ def invert(pipe, image, prompt, *, steps=None, sigma_schedule=None, guidance_sca
     batch = max(len(images), 1 if isinstance(prompt, str) else len(prompt))
     _match("images", len(images), batch)
     prompts = _prompts(prompt, batch)
-    o = _options(pipe, steps, "ddim", sigma_schedule, guidance_scale, sigma_max, prompts)
-    denoiser = make_denoiser(pipe, prompts, negative_prompt, o["guidance_scale"])
+    o = pipe.sampling_options(prompts, steps=steps, sigma_schedule=sigma_schedule, guidance_scale=guidance_scale,
+                              sigma_max=sigma_max)
+    denoiser = pipe.make_denoiser(prompts, negative_prompt, o.guidance_scale)
+    sigmas = pipe.get_sigmas(o)  # (steps + 1,)
     with no_grad():
-        x = invert_latents(denoiser, encode(pipe, _repeat(images, batch)), o["sigmas"], iterations=iterations,
+        x = invert_latents(denoiser, encode(pipe, _repeat(images, batch)), sigmas, iterations=iterations,
                            callback=callback)
-    return to_numpy(x) / np.float32(o["sigmas"][0])  # ε = z(σ_0)/σ_0
+    return to_numpy(x) / np.float32(sigmas[0])  # ε = z(σ_0)/σ_0
 
 
 # =========================================================================== measurements
@@ -526,13 +479,12 @@ def measure_inversion(pipe, *, n: int = 100, steps=(20, 50), guidance_scales=(1.
     images, labels = held_out_digits(n, seed=seed)
     prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in labels]
     z0 = to_numpy(encode(pipe, images))
-    round_trip = decode(pipe, to_device(z0, pipe.backend))
+    round_trip = pipe.decode(to_device(z0, pipe.backend))
     rows = []
     for count in steps:
         for w in guidance_scales:
             noise = invert(pipe, images, prompts, steps=count, guidance_scale=w, iterations=iterations)
-            out, z = generate_from_latents(pipe, noise, prompts, sampler="ddim", steps=count, guidance_scale=w,
-                                           return_latents=True)
+            out, z = pipe(prompts, latents=noise, sampler="ddim", steps=count, guidance_scale=w, return_latents=True)
             rows.append({"steps": count, "guidance_scale": w, "iterations": iterations,
                          "psnr_vs_vae": _digit_psnr(out, round_trip), "psnr_vs_input": _digit_psnr(out, images),
                          "latent_rmse": float(np.sqrt(np.mean((z - z0) ** 2)))})

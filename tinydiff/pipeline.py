@@ -21,6 +21,11 @@
    works on latents scaled to unit variance).
 5. **Convert.** [−1, 1] → uint8, 32×32 → the digits' native 28×28.
 
+The same pieces serve the editors (``tinydiff.editing``, also methods here): ``img2img`` starts the
+loop part way down from a noised picture, ``inpaint`` puts the kept part of a picture back at
+every step, ``invert`` runs the deterministic loop backwards to find a picture's noise, which
+``pipe(prompt, latents=noise)`` turns back into the picture.
+
 A saved pipeline is one folder: ``model_index.json`` (format version, the diffusion settings,
 sampler defaults, and the sha256 of every other file), ``tokenizer.json``, ``text_encoder.npz``,
 ``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle), and optionally
@@ -37,6 +42,7 @@ folder with one CheckpointError ("tampered or damaged model folder").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -45,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import backend_of, map_rows, to_numpy
+from . import editing
+from .backend import backend_of, map_rows, to_device, to_numpy
 from .config import ConfigError, ConfigMixin
 from .data.mnist import from_model_range
 from .diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
@@ -76,6 +83,9 @@ def pretrained_path() -> Path:
 
 @dataclass
 class SamplingDefaults(ConfigMixin):
+    """A pipeline's sampling defaults (saved in model_index.json); also the checked options of one
+    call, the defaults with the given ones in their place (``TextToImagePipeline.sampling_options``)."""
+
     sampler: str = "dpmpp_2m"  # DPM-Solver++ 2M (Lu et al. 2022)
     sigma_schedule: str = "karras"  # Karras et al. 2022 ρ = 7 spacing of σ
     steps: int = 20  # denoising steps (network evaluations, for 2M)
@@ -83,7 +93,7 @@ class SamplingDefaults(ConfigMixin):
     sigma_max: float | None = 14.6  # start of sampling (SD's σ_max); None: the training schedule's (157)
 
     def __post_init__(self):
-        _check_options(["defaults"], self.steps, self.sampler, self.sigma_schedule, self.guidance_scale)
+        _check_options(self.steps, self.sampler, self.sigma_schedule, self.guidance_scale)
         if self.sigma_max is not None and not self.sigma_max > 0:
             raise ValueError(f"sigma_max must be positive (or None), got {self.sigma_max}")
 
@@ -144,54 +154,115 @@ class TextToImagePipeline:
             hidden, _ = self.text_encoder(tokens.ids, tokens.mask)
         return hidden
 
+    # -- the pieces the loop shares with the editors (tinydiff.editing) -----------------------------
+    def sampling_options(self, prompts: list[str], *, steps: int | None = None, sampler: str | None = None,
+                         sigma_schedule: str | None = None, guidance_scale: float | None = None,
+                         sigma_max: float | None = None) -> SamplingDefaults:
+        """The options of one call: each one given (not None) in place of the pipeline's default.
+
+        Checked before any work (``SamplingDefaults`` checks its fields): a bad one raises a
+        ValueError naming it and the valid values.
+        """
+        if not prompts:
+            raise ValueError("num_images must be at least 1")
+        given = {"steps": steps, "sampler": sampler, "sigma_schedule": sigma_schedule,
+                 "guidance_scale": guidance_scale, "sigma_max": sigma_max}
+        return dataclasses.replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
+
+    def get_sigmas(self, options: SamplingDefaults):
+        """The σ grid ``options`` walks: σ_0 > σ_1 > … > σ_n = 0, (steps + 1,) (``schedules.get_sigmas``)."""
+        return get_sigmas(self.schedule, options.steps, options.sigma_schedule, sigma_max=options.sigma_max)
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """(B, 4, 8, 8): the shape of the U-Net's latents (its in_channels and sample_size)."""
+        c = self.unet.config
+        return (batch, c.in_channels, c.sample_size, c.sample_size)
+
+    def make_denoiser(self, prompts: list[str], negative_prompt: str | None, guidance_scale: float) -> Denoiser:
+        """Step 1: the prompts as token states, inside D(z, σ) with classifier-free guidance."""
+        context = self.encode_prompt(prompts)  # (B, L, D)
+        if negative_prompt:
+            uncond = self.encode_prompt([negative_prompt] * len(prompts))
+        else:
+            uncond = self.unet.null_context(len(prompts))  # (B, L, D): the "no prompt" context learned in training
+        # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows), unless an
+        # attention callback is watching it (it would see half-batches from two threads)
+        threads = 1 if self.unet.has_attention_callbacks else self.threads
+        return Denoiser(lambda x, t, c: map_rows(self.unet, x, t, c, threads=threads), self.schedule,
+                        self.diffusion.prediction_type, context=context, uncond_context=uncond,
+                        guidance_scale=guidance_scale)
+
+    def decode(self, z0) -> np.ndarray:
+        """Steps 4–5: clean latents (B, 4, 8, 8) → uint8 digits (B, 28, 28)."""
+        with no_grad():
+            # 4. latents → pixels
+            x = map_rows(self.vae.decode_from_diffusion, z0, threads=self.threads)  # (B, 1, 32, 32) in [−1, 1]
+        # 5. pixels → uint8 digits
+        return from_model_range(x)  # (B, 28, 28) uint8
+
     # -- the whole loop -------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, num_images: int = 1,
                  steps: int | None = None, sampler: str | None = None, sigma_schedule: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, callback=None,
-                 return_latents: bool = False, sigma_max: float | None = None):
+                 return_latents: bool = False, sigma_max: float | None = None, latents=None):
         """Generate images: uint8 (N, 28, 28), and the final latents (N, 4, 8, 8) if asked.
 
         ``prompt`` is one prompt for ``num_images`` images, or a list (one image each). ``seed``
         fixes every image: image i uses seed + i, so a batch equals separate runs. ``callback``
         receives the sampler's per-step dict {"i", "x", "sigma", "sigma_next", "denoised"}.
         ``sigma_max`` caps the starting noise level (``schedules.get_sigmas`` says why).
+        ``latents``, unit-variance noise (N, 4, 8, 8) (e.g. from ``invert``), replaces the seeded
+        draw: the loop starts at σ_0 · latents and makes N images (``seed`` still drives the step
+        noise of stochastic samplers), so the seed's own draw as latents gives exactly
+        ``pipe(prompt, seed=seed)``, with any sampler.
         """
-        d = self.defaults
-        steps = d.steps if steps is None else steps
-        sampler = d.sampler if sampler is None else sampler
-        sigma_schedule = d.sigma_schedule if sigma_schedule is None else sigma_schedule
-        guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
-        sigma_max = d.sigma_max if sigma_max is None else sigma_max
+        if latents is not None:
+            latents = editing.check_noise(latents, self.latent_shape(1)[1:])  # (N, 4, 8, 8) float32
+            num_images = len(latents)
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
-        _check_options(prompts, steps, sampler, sigma_schedule, guidance_scale)
+        if latents is not None and len(prompts) != len(latents):
+            raise editing.EditInputError(f"got {len(prompts)} prompts for {len(latents)} latents; "
+                                         "give one prompt, or one per latent")
+        o = self.sampling_options(prompts, steps=steps, sampler=sampler, sigma_schedule=sigma_schedule,
+                                  guidance_scale=guidance_scale, sigma_max=sigma_max)
         batch = len(prompts)
 
-        # 1. the prompt (and the negative prompt, or the learned null context) as token states
-        context = self.encode_prompt(prompts)  # (B, L, D)
-        if negative_prompt:
-            uncond = self.encode_prompt([negative_prompt] * batch)
-        else:
-            uncond = self.unet.null_context(batch)  # (B, L, D): the "no prompt" context learned in training
-        # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows), unless an
-        # attention callback is watching it (it would see half-batches from two threads)
-        threads = 1 if self.unet.has_attention_callbacks else self.threads
-        denoiser = Denoiser(lambda x, t, c: map_rows(self.unet, x, t, c, threads=threads), self.schedule, self.diffusion.prediction_type,
-                            context=context, uncond_context=uncond, guidance_scale=guidance_scale)
+        # 1. the prompt (and the negative prompt, or the learned null context) as token states,
+        #    held by the denoiser D(z, σ), which runs the U-Net on [∅; c] and applies CFG
+        denoiser = self.make_denoiser(prompts, negative_prompt, o.guidance_scale)
 
-        # 2. seeded Gaussian noise at the largest σ
-        sigmas = get_sigmas(self.schedule, steps, sigma_schedule, sigma_max=sigma_max)  # (steps + 1,), ends with 0
+        # 2. Gaussian noise at the largest σ: seeded (image i from seed + i), or the latents given.
+        #    The seeded draw is made either way, so a stochastic sampler's step noise (drawn next
+        #    from the same generators) is the seed's whether or not latents replace the start.
+        sigmas = self.get_sigmas(o)  # (steps + 1,), ends with 0
         generators = per_sample_generators(seed, batch)
-        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        z = randn_per_sample(generators, shape, backend=self.backend) * float(sigmas[0])
+        noise = randn_per_sample(generators, self.latent_shape(batch))  # ε (B, 4, 8, 8), on the CPU
+        if latents is not None:
+            noise = latents
+        z = to_device(noise, self.backend) * float(sigmas[0])  # z = σ_0 · ε
 
         # 3. the denoising loop (the sampler calls D(z, σ) once or twice per step)
         with no_grad():
-            z0 = get_sampler(sampler)(denoiser, z, sigmas, rng=generators, callback=callback)
-            # 4. latents → pixels
-            x = map_rows(self.vae.decode_from_diffusion, z0, threads=self.threads)  # (B, 1, 32, 32) in [−1, 1]
-        # 5. pixels → uint8 digits
-        images = from_model_range(x)  # (B, 28, 28) uint8
+            z0 = get_sampler(o.sampler)(denoiser, z, sigmas, rng=generators, callback=callback)
+        # 4. latents → pixels (VAE decoder) and 5. pixels → uint8 digits
+        images = self.decode(z0)  # (B, 28, 28) uint8
         return (images, to_numpy(z0)) if return_latents else images
+
+    # -- editing (tinydiff.editing) -------------------------------------------------------------------
+    def img2img(self, image, prompt, strength: float = 0.6, **options):
+        """Redraw digits under a prompt, keeping 1 − strength of the way (SDEdit): ``editing.img2img``."""
+        return editing.img2img(self, image, prompt, strength, **options)
+
+    def inpaint(self, image, mask, prompt, *, jumps: int = 0, eta: float = 1.0, **options):
+        """Regenerate the masked pixels under a prompt (RePaint): ``editing.inpaint``."""
+        return editing.inpaint(self, image, mask, prompt, jumps=jumps, eta=eta, **options)
+
+    def invert(self, image, prompt, *, steps: int | None = None, guidance_scale: float = 1.0, iterations: int = 0,
+               **options) -> np.ndarray:
+        """The noise (N, 4, 8, 8) from which ``pipe(prompt, latents=noise, sampler="ddim")`` redraws
+        ``image`` (DDIM inversion): ``editing.invert``."""
+        return editing.invert(self, image, prompt, steps=steps, guidance_scale=guidance_scale,
+                              iterations=iterations, **options)
 
     # -- saving and loading -----------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
@@ -317,10 +388,8 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     return diffusion, defaults, files
 
 
-def _check_options(prompts, steps, sampler, sigma_schedule, guidance_scale) -> None:
+def _check_options(steps, sampler, sigma_schedule, guidance_scale) -> None:
     """Clear errors for options the loop cannot run with, before any work is done."""
-    if not prompts:
-        raise ValueError("num_images must be at least 1")
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if sampler not in SAMPLERS:
