@@ -33,9 +33,9 @@ def cmd_info(args) -> int:
     print(f"numpy    {numpy.__version__}, BLAS: {backend.blas_info(threads=False)}")
     print(f"scipy    {scipy.__version__}")
     print(f"backend  {backend.get_backend()} (set TINYDIFF_BACKEND=numpy|cupy or --backend)")
-    print(f"threads  tinydiff runs BLAS on 1 thread and splits each batch over the {cores} CPU core(s) instead "
-          "(sampling: threads, U-Net training: processes, see tinydiff train --threads); "
-          f"BLAS's own default here, for NumPy code outside tinydiff, is {backend.blas_default_threads()} thread(s)")
+    print(f"threads  tinydiff runs BLAS on 1 thread and splits each batch over the {cores} CPU core(s) instead\n"
+          "         (sampling: threads; U-Net training: processes, see tinydiff train --threads);\n"
+          f"         BLAS's default here, for NumPy code outside tinydiff: {backend.blas_default_threads()} thread(s)")
     print(f"cupy     {backend.cupy_status()}")
     return 0
 
@@ -114,15 +114,17 @@ def _check_seed(seed: int) -> None:
         raise CLIError(f"--seed must be 0 or more (image i uses seed + i), got {seed}")
 
 
-def _check_prompt(tokenizer, prompt: str, option: str) -> None:
+def _check_prompt(tokenizer, prompt: str, option: str = "") -> None:
     """Refuse a prompt the model would misread: too long to fit (truncation would drop its end,
-    perhaps the digit) or with words it has never seen (suggesting the known ones)."""
+    perhaps the digit) or with words it has never seen (suggesting the known ones). ``option``
+    names the option the prompt came from (e.g. "--negative") at the start of the message."""
+    prefix = f"{option}: " if option else ""
     problem = tokenizer.length_problem(prompt)
     if problem:
-        raise CLIError(f"{option}: {problem}; shorten it")
+        raise CLIError(f"{prefix}{problem}; shorten it")
     unknown = list(dict.fromkeys(tokenizer.encode(prompt).unknown_words[0]))  # in order, once each
     if unknown:
-        raise CLIError(f"{option}: words the model has never seen: "
+        raise CLIError(f"{prefix}words the model has never seen: "
                        f"{', '.join(tokenizer.describe_unknown(w) for w in unknown)}; "
                        f"tinydiff words lists the {len(tokenizer.words)} it knows")
 
@@ -133,10 +135,11 @@ def _prepare_output(output: Path) -> None:
         raise CLIError(f"--output must end in .png (a grid) or .npy (raw uint8 array), got {output}")
     if output.is_dir():
         raise CLIError(f"--output {output} is a folder; name a file in it, e.g. {output / ('samples' + output.suffix)}")
+    existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())  # the nearest that exists
+    if not existing.is_dir():
+        raise CLIError(f"cannot write --output {output}: {existing} is a file, not a folder")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise CLIError(f"cannot write --output {output}: {output.parent} is a file, not a folder") from None
     except OSError as err:
         raise CLIError(f"cannot create the folder of --output {output}: {err.strerror or err}") from None
     if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
@@ -152,7 +155,6 @@ def cmd_sample(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .diffusion.samplers import SAMPLERS
     from .diffusion.schedules import SPACINGS, get_sigmas
 
     output = Path(args.output)
@@ -161,19 +163,17 @@ def cmd_sample(args) -> int:
     if args.num_images < 1:
         raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
     _check_seed(args.seed)
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise CLIError(f"unknown sampler {args.sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    _check_sampler_and_guidance(args.sampler, args.guidance)
     if args.sigma_schedule is not None and args.sigma_schedule not in SPACINGS:
         raise CLIError(f"unknown sigma schedule {args.sigma_schedule!r}; valid: {', '.join(SPACINGS)}")
     if args.sigma_max is not None and not (np.isfinite(args.sigma_max) and args.sigma_max > 0):
         raise CLIError(f"--sigma-max must be a positive number, got {args.sigma_max}")
-    if args.guidance is not None and not (np.isfinite(args.guidance) and 0 <= args.guidance <= MAX_GUIDANCE):
-        raise CLIError(f"--guidance takes 0 to {MAX_GUIDANCE:g} (above that the digits fall apart; "
-                       f"1 is plain conditional sampling), got {args.guidance:g}")
     _prepare_output(output)
     _use_backend(args.backend)
     pipe = _load_pipeline(args.model, args.backend)
-    _check_prompt(pipe.tokenizer, args.prompt, "the prompt")
+    if args.sampler == "lcm" and pipe.lcm_unet is None:
+        raise CLIError(pipe.missing_student_message())
+    _check_prompt(pipe.tokenizer, args.prompt)
     pipe.encode_prompt([args.prompt])  # an empty prompt (or any other the pipeline refuses) fails here
     if args.negative:
         _check_prompt(pipe.tokenizer, args.negative, "--negative")
@@ -209,6 +209,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _check_sampler_and_guidance(sampler: str | None, guidance: float | None) -> None:
+    import math
+
+    from .diffusion.samplers import SAMPLERS
+
+    if sampler is not None and sampler not in SAMPLERS:
+        raise CLIError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise CLIError(f"--guidance takes 0 to {MAX_GUIDANCE:g} (above that the digits fall apart; "
+                       f"1 is plain conditional sampling), got {guidance:g}")
+
+
 def cmd_words(args) -> int:
     from .io import load_json
     from .pipeline import COMPONENT_FILES
@@ -228,8 +240,12 @@ def cmd_words(args) -> int:
             offers.setdefault(targets, []).append(word)
     if offers:
         print("Words it does not know, and what to write instead:")
+        numerals = [f"{words[0]} → {targets[0]}" for targets, words in offers.items() if targets[0].isdigit()]
         for targets, words in offers.items():
-            print(f"  {', '.join(words)} → {' or '.join(targets)}")
+            if not targets[0].isdigit():
+                print(f"  {', '.join(words)} → {' or '.join(targets)}")
+        if numerals:
+            print(f"  {', '.join(numerals)}")  # Roman numerals, one digit each
     print('Example: tinydiff sample "a small bold handwritten 7 leaning right"')
     return 0
 
@@ -245,16 +261,23 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--n-attribute must be at least 1, got {args.n_attribute}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    _check_sampler_and_guidance(args.sampler, args.guidance)
     _check_seed(args.seed)
     _use_backend(args.backend)
     pipe = _load_pipeline(args.model, args.backend)
+    sampler = args.sampler or pipe.defaults.sampler
+    if sampler == "lcm" and pipe.lcm_unet is None:
+        raise CLIError(pipe.missing_student_message())
     total = 10 * args.n_per_digit + 20 * args.n_attribute
     with tqdm(total=total, desc="generating", unit="img", dynamic_ncols=True) as bar:
         results = evaluate_pipeline(pipe, n_per_digit=args.n_per_digit, n_attribute=args.n_attribute,
-                                    seed=args.seed, progress=bar.update, steps=args.steps)
+                                    seed=args.seed, progress=bar.update, steps=args.steps, sampler=args.sampler,
+                                    guidance_scale=args.guidance)
     steps = args.steps or pipe.defaults.steps
-    print(f"\n{pipe.defaults.sampler} / {pipe.defaults.sigma_schedule}, {steps} steps, guidance "
-          f"{pipe.defaults.guidance_scale}, sigma_max {pipe.defaults.sigma_max}; {results['fd_images']} images for FD")
+    guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
+    schedule = "trailing" if sampler == "lcm" else pipe.defaults.sigma_schedule
+    print(f"\n{sampler} / {schedule}, {steps} steps, guidance "
+          f"{guidance}, sigma_max {pipe.defaults.sigma_max}; {results['fd_images']} images for FD")
     print("\n".join(format_results(results)))
     return 0
 
@@ -272,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe end to end (mnist-captions: CLIP, VAE, latent U-Net)")
     train.add_argument("recipe", help="the recipe to train: mnist-captions")
     train.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"output folder (default: {DEFAULT_RUN_DIR})")
-    train.add_argument("--stages", default="clip,vae,unet", help="comma-separated stages to run (default: all)")
+    train.add_argument("--stages", default="clip,vae,unet",
+                       help="comma-separated stages to run (default: clip,vae,unet); lcm distils the trained U-Net "
+                            "into a 1-4 step consistency student, e.g. --stages lcm on a finished run")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     train.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: TINYDIFF_BACKEND or numpy)")
     train.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
@@ -290,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
     sample.add_argument("--num-images", type=int, default=8, help="images to generate (default: 8)")
     sample.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
-    sample.add_argument("--sampler", help="euler, euler_ancestral, heun, dpmpp_2m, ddim, ddpm, lcm (default: dpmpp_2m)")
+    sample.add_argument("--sampler", help="euler, euler_ancestral, heun, dpmpp_2m, ddim, ddpm, or lcm: the distilled "
+                                          "consistency student, 1-8 steps (default: dpmpp_2m)")
     sample.add_argument("--sigma-schedule", help="karras, leading, trailing or linspace (default: karras)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 50 (default: the model's, 2)")
     sample.add_argument("--negative", help='negative prompt: what to steer away from, e.g. "a bold 8"')
@@ -310,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-per-digit", type=int, default=100, help="images per digit prompt (default: 100)")
     evaluate.add_argument("--n-attribute", type=int, default=20, help="images per bold/thin prompt and digit (default: 20)")
     evaluate.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
+    evaluate.add_argument("--sampler", help="a sampler of tinydiff sample --sampler, e.g. lcm (default: the model's)")
+    evaluate.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 2)")
     evaluate.add_argument("--seed", type=int, default=0, help="0 or more (default: 0)")
     evaluate.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")
     evaluate.set_defaults(func=cmd_eval)
