@@ -1,4 +1,4 @@
-"""PyTorch mirrors of tinydiff's three networks, for the reference benchmark and its tests.
+"""PyTorch mirrors of tinydiff's networks (U-Net, DiT, autoencoder, text encoder), for the reference benchmark and its tests.
 
 Each class is built from the same config dataclass as its tinydiff twin and has the same
 parameter names and shapes, so tinydiff's weights load one-to-one::
@@ -25,6 +25,11 @@ passes below are written from tinydiff's, detail for detail:
 * the VAE clamps log σ² to [−30, 20] and samples z = μ + e^{log σ²/2} ε with ε an input;
 * the text encoder adds learned positions, masks padded keys, applies ln_final, zeroes the
   hidden states at padded positions and pools at <eos> (the last real token).
+* the DiT cuts the latent into p×p patches in (C, p, p) order, adds the fixed 2-D sin-cos
+  positions [cos(jω), sin(jω), cos(iω), sin(iω)], adds an MLP of the masked mean of the context
+  to the time embedding, runs adaLN-Zero joint blocks (LayerNorm without affine, eps = 1e-6;
+  image tokens first, then text tokens, in one attention; the last block's text stream gives
+  keys and values only) and the final adaptive LayerNorm.
 
 Only the forward passes are written: autograd supplies the backward passes, which is what the
 benchmark measures tinydiff's hand-written ones against. This module needs torch and is
@@ -42,6 +47,7 @@ from torch import nn
 from tinydiff.backend import to_numpy
 from tinydiff.models.autoencoder import LOGVAR_MAX, LOGVAR_MIN, AutoencoderConfig
 from tinydiff.models.clip import TextEncoderConfig
+from tinydiff.models.dit import DiTConfig
 from tinydiff.models.unet import UNetConfig
 
 # --------------------------------------------------------------------------- shared layers
@@ -457,12 +463,116 @@ class TextEncoder(nn.Module):
 # --------------------------------------------------------------------------- from tinydiff
 
 
+# --------------------------------------------------------------------------- DiT (MMDiT joint blocks)
+
+
+def adaptive_layer_norm(x, shift, scale):
+    """LN(x) ⊙ (1 + γ) + β, LN without affine (eps 1e-6); shift and scale (B, D) over the tokens."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class JointAttention(Attention):
+    """Self-attention over [image tokens; text tokens], each stream with its own projections."""
+
+    def __init__(self, dim: int, heads: int, context_pre_only: bool):
+        super().__init__(dim, None, heads, dim // heads)
+        self.add_q_proj = None if context_pre_only else nn.Linear(dim, dim, bias=False)
+        self.add_k_proj = nn.Linear(dim, dim, bias=False)
+        self.add_v_proj = nn.Linear(dim, dim, bias=False)
+        self.to_add_out = None if context_pre_only else nn.Linear(dim, dim)
+
+    def forward(self, x, context, mask=None):
+        n = x.shape[1]
+        k = torch.cat([self._split_heads(self.to_k(x)), self._split_heads(self.add_k_proj(context))], dim=2)
+        v = torch.cat([self._split_heads(self.to_v(x)), self._split_heads(self.add_v_proj(context))], dim=2)
+        q = self._split_heads(self.to_q(x))  # (B, h, N, d)
+        if self.add_q_proj is not None:
+            q = torch.cat([q, self._split_heads(self.add_q_proj(context))], dim=2)  # (B, h, N + L, d)
+        if mask is not None:  # image keys are always real
+            mask = torch.cat([torch.ones(mask.shape[0], n, dtype=torch.bool), mask], dim=1)  # (B, N + L)
+        o = masked_attention(q, k, v, mask)
+        b, _, length, _ = o.shape
+        o = o.transpose(1, 2).reshape(b, length, self.heads * self.dim_head)  # (B, queries, D)
+        return self.to_out(o[:, :n]), (None if self.to_add_out is None else self.to_add_out(o[:, n:]))
+
+
+class JointTransformerBlock(nn.Module):
+    """adaLN-Zero per stream, one joint attention, an MLP per stream (SD3's MMDiT block)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, context_pre_only: bool):
+        super().__init__()
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+        self.attn = JointAttention(dim, heads, context_pre_only)
+        self.ff = mlp(dim, mlp_ratio * dim)
+        self.adaLN_modulation_context = nn.Linear(dim, (2 if context_pre_only else 6) * dim)
+        self.ff_context = None if context_pre_only else mlp(dim, mlp_ratio * dim)
+
+    def forward(self, x, context, c_act, mask):
+        mx = self.adaLN_modulation(c_act).chunk(6, dim=1)  # β₁ γ₁ α₁ β₂ γ₂ α₂, each (B, D)
+        mc = self.adaLN_modulation_context(c_act).chunk(2 if self.ff_context is None else 6, dim=1)
+        ax, ac = self.attn(adaptive_layer_norm(x, mx[0], mx[1]), adaptive_layer_norm(context, mc[0], mc[1]), mask)
+        x = x + mx[2][:, None, :] * ax
+        x = x + mx[5][:, None, :] * self.ff(adaptive_layer_norm(x, mx[3], mx[4]))
+        if self.ff_context is None:
+            return x, None
+        context = context + mc[2][:, None, :] * ac
+        return x, context + mc[5][:, None, :] * self.ff_context(adaptive_layer_norm(context, mc[3], mc[4]))
+
+
+class DiT(nn.Module):
+    """forward(x (B, C, H, W), t (B,), context (B, L, D_ctx), context_mask (B, L) or None)
+    → (B, C_out, H, W), as ``tinydiff.models.DiT`` (text-conditional configs only)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if config.context_dim is None:
+            raise ValueError("the PyTorch DiT twin mirrors text-conditional DiTs only")
+        self.config = config
+        d, p = config.width, config.patch_size
+        self.patch_embed = nn.Linear(config.in_channels * p * p, d)
+        self.time_embedding = TimestepEmbedding(config.timestep_dim, d)
+        self.context_embedder = nn.Linear(config.context_dim, d)
+        self.pooled_text_embedding = TimestepEmbedding(config.context_dim, d)
+        self.blocks = nn.ModuleList([JointTransformerBlock(d, config.heads, config.mlp_ratio, i == config.depth - 1)
+                                     for i in range(config.depth)])
+        self.norm_out = nn.Linear(d, 2 * d)
+        self.proj_out = nn.Linear(d, p * p * config.out_channels)
+        self.null_embedding = (nn.Parameter(torch.zeros(config.context_length, config.context_dim))
+                               if config.learned_null_context else None)
+
+    def null_context(self, batch: int):
+        return self.null_embedding.expand(batch, -1, -1)
+
+    def forward(self, x, t, context, context_mask=None):
+        cfg, p = self.config, self.config.patch_size
+        b, c, height, width = x.shape
+        gh, gw = height // p, width // p
+        tokens = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)  # (B, N, C·p·p)
+        rows = torch.arange(gh, dtype=x.dtype).repeat_interleave(gw)  # token n → its row i
+        cols = torch.arange(gw, dtype=x.dtype).repeat(gh)  # token n → its column j
+        pos = torch.cat([timestep_embedding(cols, cfg.width // 2), timestep_embedding(rows, cfg.width // 2)], dim=1)
+        h = self.patch_embed(tokens) + pos  # (B, N, D)
+        keep = (torch.ones(context.shape[:2], dtype=x.dtype) if context_mask is None
+                else context_mask.to(x.dtype))  # (B, L)
+        pooled = (context * (keep / keep.sum(1, keepdim=True).clamp(min=1))[:, :, None]).sum(1)  # masked mean
+        c_act = F.silu(self.time_embedding(timestep_embedding(t, cfg.timestep_dim))
+                       + self.pooled_text_embedding(pooled))  # SiLU(c) (B, D)
+        ctx = self.context_embedder(context)  # (B, L, D)
+        for block in self.blocks:
+            h, ctx = block(h, ctx, c_act, context_mask)
+        shift, scale = self.norm_out(c_act).chunk(2, dim=1)
+        out = self.proj_out(adaptive_layer_norm(h, shift, scale))  # (B, N, p·p·C_out)
+        out = out.reshape(b, gh, gw, cfg.out_channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
+        return out.reshape(b, cfg.out_channels, height, width)
+
+
 def mirror(tiny_model) -> nn.Module:
-    """The PyTorch twin of a tinydiff UNet, AutoencoderKL or TextEncoder, with its weights copied
+    """The PyTorch twin of a tinydiff UNet, DiT, AutoencoderKL or TextEncoder, with its weights copied
     and in its dtype (float32 or float64)."""
     import tinydiff.models as tm  # tinydiff's classes share the names of the ones above
+    from tinydiff.models import dit as tiny_dit
 
-    twins = {tm.UNet: UNet, tm.AutoencoderKL: AutoencoderKL, tm.TextEncoder: TextEncoder}
+    twins = {tm.UNet: UNet, tiny_dit.DiT: DiT, tm.AutoencoderKL: AutoencoderKL, tm.TextEncoder: TextEncoder}
     twin = twins.get(type(tiny_model))
     if twin is None:
         raise TypeError(f"no PyTorch mirror for {type(tiny_model).__name__}; known: "
