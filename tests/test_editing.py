@@ -274,6 +274,8 @@ def _bad_inputs(tmp_path, pipe, images):
     np.save(tmp_path / "flat.npy", np.arange(784, dtype=np.uint8))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY garbage")
+    Image.fromarray(images[0]).save(tmp_path / "d.png")
+    Image.fromarray(np.zeros((28, 40), np.uint8)).save(tmp_path / "wide_mask.png")
     mask = editing.bottom_half_mask(4)
     unreadable = "cannot be read as a NumPy array"
     return [
@@ -286,9 +288,12 @@ def _bad_inputs(tmp_path, pipe, images):
         ("pickled npy", lambda: editing.img2img(pipe, tmp_path / "objects.npy", "a 3"), unreadable),
         ("strength 1.5", lambda: editing.img2img(pipe, images, "a 3", 1.5), "strength"),
         ("prompt count", lambda: editing.img2img(pipe, images, ["a 3", "a 4"]), "2 prompts for a batch of 4"),
-        ("mask count", lambda: editing.inpaint(pipe, images, mask[:3], "a 3"), "3 masks for a batch of 4"),
+        ("mask count", lambda: editing.inpaint(pipe, images, mask[:3], "a 3"), "3 masks for 4 images"),
         ("mask shape", lambda: editing.inpaint(pipe, images, np.ones((4, 8, 8), bool), "a 3"), "28×28"),
         ("mask values", lambda: editing.inpaint(pipe, images, np.full((28, 28), 2.0), "a 3"), "mask must be"),
+        ("mask size", lambda: editing.inpaint(pipe, tmp_path / "d.png", tmp_path / "wide_mask.png", "a 3"),
+         "the mask is 40×28 pixels but the picture is 28×28"),
+        ("img2img lcm", lambda: editing.img2img(pipe, images, "a 3", sampler="lcm"), "not lcm"),
         ("negative jumps", lambda: editing.inpaint(pipe, images, mask, "a 3", jumps=-1), "jumps"),
         ("latent shape", lambda: pipe("a 3", latents=np.zeros((2, 4, 4, 4))), "latents"),
         ("latent count", lambda: pipe(["a 3"] * 3, latents=np.zeros((2, 4, 8, 8))), "3 prompts for 2 latents"),

@@ -1,4 +1,4 @@
-"""The ``tinydiff`` command: ``tinydiff train | sample | words | eval | info``.
+"""The ``tinydiff`` command: ``tinydiff train | sample | edit | inpaint | invert | words | eval | info``.
 
 The CLI is where output happens: the library reports progress through callbacks and raises
 exceptions with clear messages; here they become progress bars and one-line errors. Every
@@ -151,27 +151,32 @@ def _prepare_output(output: Path) -> None:
 MAX_GUIDANCE = 50.0
 
 
-def cmd_sample(args) -> int:
-    import numpy as np
-    from tqdm import tqdm
+def _check_sampling_args(args) -> None:
+    """The options of ``_add_sampling_arguments``, checked before anything is loaded."""
+    import math
 
-    from .diffusion.schedules import SPACINGS, get_sigmas
+    from .diffusion.schedules import SPACINGS
 
-    output = Path(args.output)
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if args.num_images < 1:
-        raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
-    _check_seed(args.seed)
-    _check_sampler_and_guidance(args.sampler, args.guidance)
+    if getattr(args, "seed", None) is not None:
+        _check_seed(args.seed)
+    _check_sampler_and_guidance(getattr(args, "sampler", None), args.guidance)
     if args.sigma_schedule is not None and args.sigma_schedule not in SPACINGS:
         raise CLIError(f"unknown sigma schedule {args.sigma_schedule!r}; valid: {', '.join(SPACINGS)}")
-    if args.sigma_max is not None and not (np.isfinite(args.sigma_max) and args.sigma_max > 0):
+    if args.sigma_max is not None and not (math.isfinite(args.sigma_max) and args.sigma_max > 0):
         raise CLIError(f"--sigma-max must be a positive number, got {args.sigma_max}")
-    _prepare_output(output)
+    _prepare_output(Path(args.output))
+
+
+def _load_for_sampling(args):
+    """The pipeline of ``--model``, with the prompt, ``--negative``, ``--sampler`` and the σ grid
+    checked against it before any sampling: (pipeline, steps, σ grid)."""
+    from .diffusion.schedules import get_sigmas
+
     _use_backend(args.backend)
     pipe = _load_pipeline(args.model, args.backend)
-    if args.sampler == "lcm" and pipe.lcm_unet is None:
+    if getattr(args, "sampler", None) == "lcm" and pipe.lcm_unet is None:
         raise CLIError(pipe.missing_student_message())
     _check_prompt(pipe.tokenizer, args.prompt)
     pipe.encode_prompt([args.prompt])  # an empty prompt (or any other the pipeline refuses) fails here
@@ -185,14 +190,17 @@ def cmd_sample(args) -> int:
                        f"(default {pipe.defaults.sigma_max}; values above its largest, "
                        f"{pipe.schedule.sigma_max:.4g}, start there), got {args.sigma_max:g}")
     try:  # e.g. a --sigma-max that leaves fewer training timesteps than --steps for a timestep spacing
-        get_sigmas(pipe.schedule, steps, schedule, sigma_max=args.sigma_max or pipe.defaults.sigma_max)
+        sigmas = get_sigmas(pipe.schedule, steps, schedule, sigma_max=args.sigma_max or pipe.defaults.sigma_max)
     except ValueError as err:
         raise CLIError(f"{err} (--steps {steps}, --sigma-schedule {schedule}, --sigma-max "
                        f"{args.sigma_max or pipe.defaults.sigma_max})") from None
-    with tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True) as bar:
-        images = pipe(args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=steps,
-                      sampler=args.sampler, sigma_schedule=args.sigma_schedule, guidance_scale=args.guidance,
-                      sigma_max=args.sigma_max, seed=args.seed, callback=lambda info: bar.update(1))
+    return pipe, steps, sigmas
+
+
+def _write_images(images, output: Path, title: str) -> None:
+    """uint8 (N, 28, 28) → FILE.npy as it is, or FILE.png as a grid titled ``title``."""
+    import numpy as np
+
     try:
         if output.suffix == ".npy":
             np.save(output, images)
@@ -202,10 +210,98 @@ def cmd_sample(args) -> int:
             matplotlib.use("Agg")
             from .viz import image_grid, save_figure
 
-            save_figure(image_grid(images, ncols=min(8, len(images)), suptitle=args.prompt), output)
+            save_figure(image_grid(images, ncols=min(8, len(images)), suptitle=title), output)
     except OSError as err:
         raise CLIError(f"cannot write --output {output}: {err.strerror or err}") from None
     print(f"wrote {len(images)} image(s) to {output}")
+
+
+def cmd_sample(args) -> int:
+    from tqdm import tqdm
+
+    if args.num_images < 1:
+        raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
+    _check_sampling_args(args)
+    pipe, steps, _ = _load_for_sampling(args)
+    with tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True) as bar:
+        images = pipe(args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=steps,
+                      sampler=args.sampler, sigma_schedule=args.sigma_schedule, guidance_scale=args.guidance,
+                      sigma_max=args.sigma_max, seed=args.seed, callback=lambda info: bar.update(1))
+    _write_images(images, Path(args.output), args.prompt)
+    return 0
+
+
+def _editor_options(args, steps: int) -> dict:
+    """The sampling keywords of the editors, from the options of ``_add_sampling_arguments``."""
+    return {"negative_prompt": args.negative, "steps": steps, "sigma_schedule": args.sigma_schedule,
+            "guidance_scale": args.guidance, "sigma_max": args.sigma_max}
+
+
+def cmd_edit(args) -> int:
+    from tqdm import tqdm
+
+    from .editing import load_images, strength_sigmas
+
+    if not 0 <= args.strength <= 1:  # also refuses nan
+        raise CLIError(f"--strength takes 0 to 1 (0 keeps the picture, 1 ignores it), got {args.strength:g}")
+    if args.sampler == "lcm":
+        raise CLIError("edit runs the U-Net's own samplers; lcm is for tinydiff sample (choose another --sampler)")
+    _check_sampling_args(args)
+    images = load_images(args.input, invert=args.dark_ink)
+    pipe, steps, sigmas = _load_for_sampling(args)
+    with tqdm(total=len(strength_sigmas(sigmas, args.strength)) - 1, desc="editing", unit="step",
+              dynamic_ncols=True) as bar:
+        edited = pipe.img2img(images, args.prompt, args.strength, sampler=args.sampler, seed=args.seed,
+                              callback=lambda info: bar.update(1), **_editor_options(args, steps))
+    _write_images(edited, Path(args.output), f"{args.prompt} (strength {args.strength:g})")
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    from tqdm import tqdm
+
+    from .editing import load_images_and_masks
+
+    if args.jumps < 0:
+        raise CLIError(f"--jumps must be 0 or more, got {args.jumps}")
+    _check_sampling_args(args)
+    images, masks = load_images_and_masks(args.input, args.mask, invert=args.dark_ink)
+    pipe, steps, _ = _load_for_sampling(args)
+    with tqdm(total=steps * (args.jumps + 1), desc="inpainting", unit="step", dynamic_ncols=True) as bar:
+        completed = pipe.inpaint(images, masks, args.prompt, jumps=args.jumps, seed=args.seed,
+                                 callback=lambda info: bar.update(1), **_editor_options(args, steps))
+    _write_images(completed, Path(args.output), args.prompt)
+    return 0
+
+
+def cmd_invert(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .editing import load_images
+
+    if args.iterations < 0:
+        raise CLIError(f"--iterations must be 0 or more, got {args.iterations}")
+    noise_output = Path(args.noise_output)
+    if noise_output.suffix != ".npy":
+        raise CLIError(f"--noise-output must end in .npy, got {noise_output}")
+    _check_sampling_args(args)
+    _prepare_output(noise_output)
+    images = load_images(args.input, invert=args.dark_ink)
+    pipe, steps, _ = _load_for_sampling(args)
+    options = _editor_options(args, steps)
+    options["guidance_scale"] = args.guidance if args.guidance is not None else 1.0  # the least drift
+    with tqdm(total=steps, desc="inverting", unit="step", dynamic_ncols=True) as bar:
+        noise = pipe.invert(images, args.prompt, iterations=args.iterations, callback=lambda info: bar.update(1),
+                            **options)  # (N, 4, 8, 8)
+    try:
+        np.save(noise_output, noise)
+    except OSError as err:
+        raise CLIError(f"cannot write --noise-output {noise_output}: {err.strerror or err}") from None
+    print(f"wrote the noise of {len(noise)} image(s), {noise.dtype} {noise.shape}, to {noise_output}")
+    with tqdm(total=steps, desc="regenerating", unit="step", dynamic_ncols=True) as bar:
+        rebuilt = pipe(args.prompt, latents=noise, sampler="ddim", callback=lambda info: bar.update(1), **options)
+    _write_images(rebuilt, Path(args.output), f"{args.prompt} (inverted and regenerated)")
     return 0
 
 
@@ -282,6 +378,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_sampling_arguments(command, *, output: str, sampler: bool = True, seed: bool = True,
+                            input_colors: bool = False,
+                            guidance: str = "classifier-free guidance scale, 0 to 50 (default: the model's, 2)") -> None:
+    """The options every sampling command (sample, edit, inpaint, invert) shares, defined once.
+
+    ``sampler``/``seed``: offer --sampler/--seed (inpaint's and invert's loops have their own
+    step; inversion is deterministic). ``input_colors``: offer --dark-ink for commands that
+    read pictures. ``output``: the default --output.
+    """
+    command.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
+    command.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
+    if sampler:
+        command.add_argument("--sampler", help="euler, euler_ancestral, heun, dpmpp_2m, ddim, ddpm, or lcm: the "
+                                               "distilled consistency student, 1-8 steps (default: dpmpp_2m)")
+    command.add_argument("--sigma-schedule", help="karras, leading, trailing or linspace (default: karras)")
+    command.add_argument("--guidance", type=float, help=guidance)
+    command.add_argument("--negative", help='negative prompt: what to steer away from, e.g. "a bold 8"')
+    command.add_argument("--sigma-max", type=float, help="noise level sampling starts from (default: the model's, 14.6)")
+    if seed:
+        command.add_argument("--seed", type=int, default=0, help="0 or more; image i uses seed + i (default: 0)")
+    if input_colors:
+        command.add_argument("--dark-ink", action="store_true",
+                             help="the input picture is dark ink on a light background: invert it (the model knows "
+                                  "white-on-black digits)")
+    command.add_argument("--output", default=output,
+                         help=f"FILE.png (a grid) or FILE.npy (uint8 (N, H, W)); missing folders are created "
+                              f"(default: {output})")
+    command.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinydiff",
@@ -312,20 +438,53 @@ def build_parser() -> argparse.ArgumentParser:
                     "tinydiff words lists them.")
     sample.add_argument("prompt", help='what to draw, e.g. "a bold handwritten 7" (tinydiff words lists the '
                                        'words the model knows)')
-    sample.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
     sample.add_argument("--num-images", type=int, default=8, help="images to generate (default: 8)")
-    sample.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
-    sample.add_argument("--sampler", help="euler, euler_ancestral, heun, dpmpp_2m, ddim, ddpm, or lcm: the distilled "
-                                          "consistency student, 1-8 steps (default: dpmpp_2m)")
-    sample.add_argument("--sigma-schedule", help="karras, leading, trailing or linspace (default: karras)")
-    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 50 (default: the model's, 2)")
-    sample.add_argument("--negative", help='negative prompt: what to steer away from, e.g. "a bold 8"')
-    sample.add_argument("--sigma-max", type=float, help="noise level sampling starts from (default: the model's, 14.6)")
-    sample.add_argument("--seed", type=int, default=0, help="0 or more; image i uses seed + i (default: 0)")
-    sample.add_argument("--output", default="samples.png",
-                        help="FILE.png (a grid) or FILE.npy (uint8 (N, H, W)); missing folders are created")
-    sample.add_argument("--backend", choices=["numpy", "cupy"], help="array backend")
+    _add_sampling_arguments(sample, output="samples.png")
     sample.set_defaults(func=cmd_sample)
+
+    inputs = ("a PNG (any size; white ink on black, or see --dark-ink) or a .npy of uint8 digits (28, 28) or "
+              "(N, 28, 28)")
+    edit = sub.add_parser(
+        "edit", help="redraw digits under a prompt (image-to-image, SDEdit)",
+        description="Redraw digits under a prompt: the picture is noised part of the way (--strength) and "
+                    "denoised under the prompt, so its layout stays and its details follow the prompt.")
+    edit.add_argument("input", help=f"the digits to edit: {inputs}")
+    edit.add_argument("prompt", help='what to turn them into, e.g. "a bold 8"')
+    edit.add_argument("--strength", type=float, default=0.6,
+                      help="0 to 1: the share of the denoising steps redone; 0 keeps the picture, 1 ignores it "
+                           "(default: 0.6)")
+    _add_sampling_arguments(edit, output="edited.png", input_colors=True)
+    edit.set_defaults(func=cmd_edit)
+
+    inpaint = sub.add_parser(
+        "inpaint", help="regenerate the masked part of digits under a prompt (RePaint)",
+        description="Regenerate the white part of --mask under the prompt, keeping every other pixel of the input.")
+    inpaint.add_argument("input", help=f"the digits: {inputs}")
+    inpaint.add_argument("prompt", help='what the completed digits should be, e.g. "a handwritten 4"')
+    inpaint.add_argument("--mask", required=True,
+                         help="white/1/True = regenerate: a PNG the size of the input picture, or a .npy of bool "
+                              "or uint8 (28, 28) or (N, 28, 28)")
+    inpaint.add_argument("--jumps", type=int, default=0,
+                         help="RePaint resampling: redo each step this many times so the two parts agree "
+                              "(costs jumps + 1 times the steps; default: 0)")
+    _add_sampling_arguments(inpaint, output="inpainted.png", sampler=False, input_colors=True)
+    inpaint.set_defaults(func=cmd_inpaint)
+
+    invert = sub.add_parser(
+        "invert", help="find the noise that redraws digits (DDIM inversion), and redraw them from it",
+        description="Run the deterministic sampler (DDIM) backwards to find the noise from which the prompt redraws "
+                    "the input; write that noise (--noise-output) and the redrawn digits (--output).")
+    invert.add_argument("input", help=f"the digits: {inputs}")
+    invert.add_argument("prompt", help='a description of the input, e.g. "a thin 7"')
+    invert.add_argument("--noise-output", default="noise.npy",
+                        help="FILE.npy for the noise, float32 (N, 4, 8, 8), unit variance (default: noise.npy)")
+    invert.add_argument("--iterations", type=int, default=0,
+                        help="fixed-point refinements of each inverse step, one U-Net call each: a far closer "
+                             "round trip (default: 0)")
+    _add_sampling_arguments(invert, output="reconstruction.png", sampler=False, seed=False, input_colors=True,
+                            guidance="classifier-free guidance scale, 0 to 50; above 1 the round trip drifts "
+                                     "(default: 1)")
+    invert.set_defaults(func=cmd_invert)
 
     words = sub.add_parser("words", help="list the words a model knows (its whole vocabulary), grouped")
     words.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
@@ -368,11 +527,12 @@ def main(argv=None) -> int:
 def _lazy_errors() -> tuple:
     """User-facing error types of the heavier modules (imported only when the CLI runs)."""
     from .data.mnist import DatasetError
+    from .editing import EditInputError
     from .pipeline import PromptError
     from .train.loop import TrainingDiverged
     from .train.recipes import RecipeError
 
-    return (DatasetError, PromptError, RecipeError, TrainingDiverged)
+    return (DatasetError, EditInputError, PromptError, RecipeError, TrainingDiverged)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,19 @@ def _read_npy(path: Path) -> np.ndarray:
                              "save uint8 digits with numpy.save(path, digits)") from None
 
 
+def _picture_size(source) -> tuple[int, int] | None:
+    """(H, W) of a picture file (not .npy), None for anything else (read errors come later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(source, (str, Path)) or Path(source).suffix.lower() == ".npy" or not Path(source).is_file():
+        return None
+    try:
+        with Image.open(source) as picture:
+            return picture.size[::-1]  # PIL gives (W, H)
+    except (UnidentifiedImageError, OSError):
+        return None
+
+
 def _read(source, what: str) -> tuple[np.ndarray, bool]:
     """A path or an array → (array, came_from_picture_file)."""
     if isinstance(source, (str, Path)):
@@ -98,10 +111,11 @@ def _resize(picture: np.ndarray, resample: str) -> np.ndarray:
 
 def _as_batch(array: np.ndarray, what: str, fix: str) -> np.ndarray:
     """(28, 28) or (N, 28, 28) → (N, 28, 28); anything else is an EditInputError."""
+    shape = array.shape
     if array.ndim == 2:
         array = array[None]  # (1, 28, 28)
     if array.ndim != 3 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or array.shape[0] == 0:
-        raise EditInputError(f"{what} must be 28×28 or N×28×28, got shape {array.shape}; {fix}")
+        raise EditInputError(f"{what} must be 28×28 or N×28×28, got shape {shape}; {fix}")
     return array
 
 
@@ -147,6 +161,21 @@ def load_masks(source) -> np.ndarray:
         raise EditInputError(f"a mask must be bool, 0/1, uint8 or floats in [0, 1], got {array.dtype}; "
                              "mark the pixels to regenerate with True (or 255)")
     return _as_batch(mask, "a mask array", "give one mask per image, the size of the digits")
+
+
+def load_images_and_masks(image, mask, *, invert: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``load_images(image, invert=invert)`` and ``load_masks(mask)``, checked to fit together: a
+    picture file and a mask file of the same size (each is padded and resized on its own, so a
+    mask of another size or shape would not line up with the picture), and one mask or one per
+    image."""
+    image_size, mask_size = _picture_size(image), _picture_size(mask)
+    if image_size and mask_size and image_size != mask_size:
+        raise EditInputError(f"the mask is {mask_size[1]}×{mask_size[0]} pixels but the picture is "
+                             f"{image_size[1]}×{image_size[0]}; draw the mask at the picture's size")
+    images, masks = load_images(image, invert=invert), load_masks(mask)
+    if len(masks) not in (1, len(images)) and len(images) > 1:
+        raise EditInputError(f"got {len(masks)} masks for {len(images)} images; give one mask, or one per image")
+    return images, masks
 
 
 def _match(name: str, count: int, batch: int) -> None:
@@ -241,6 +270,8 @@ def img2img(pipe, image, prompt, strength: float = 0.6, *, negative_prompt=None,
     prompts = _prompts(prompt, batch)
     o = pipe.sampling_options(prompts, steps=steps, sampler=sampler, sigma_schedule=sigma_schedule,
                               guidance_scale=guidance_scale, sigma_max=sigma_max)
+    if o.sampler == "lcm":  # its consistency function is not the denoiser the tail is sampled with
+        raise EditInputError("img2img runs the U-Net's own samplers, not lcm; choose another sampler")
     sigmas = pipe.get_sigmas(o)  # (n + 1,)
     tail = strength_sigmas(sigmas, strength)  # (k + 1,)
     if len(tail) == len(sigmas):  # strength 1: text-to-image
@@ -318,7 +349,7 @@ def inpaint(pipe, image, mask, prompt, *, jumps: int = 0, eta: float = 1.0, nega
     pixel space, output = mask ? decoded : input, so every kept pixel is the input's exactly (the
     decoder spreads each latent cell over more than its 4×4 pixels, so decoding alone would not).
     """
-    images, masks = load_images(image), load_masks(mask)
+    images, masks = load_images_and_masks(image, mask)
     batch = max(len(images), len(masks), 1 if isinstance(prompt, str) else len(prompt))
     _match("images", len(images), batch)
     _match("masks", len(masks), batch)
