@@ -296,3 +296,163 @@ def test_target_is_the_loops_ema_and_resume_is_exact(tmp_path):
     for name, p in full["student"].named_parameters():
         np.testing.assert_array_equal(dict(resumed["student"].named_parameters())[name].data, p.data)
     assert full["history"][0] != full["history"][-1]
+
+
+# --------------------------------------------------------------------- the pipeline, the recipe, the CLI
+
+
+def shipped_parts():
+    from tinydiff.pipeline import TextToImagePipeline
+
+    shipped = TextToImagePipeline.from_pretrained()
+    return shipped, (shipped.tokenizer, shipped.text_encoder, shipped.unet, shipped.vae, shipped.diffusion)
+
+
+def pipeline_with(student):
+    from tinydiff.pipeline import TextToImagePipeline
+
+    shipped, parts = shipped_parts()
+    return TextToImagePipeline(*parts, shipped.defaults, image_encoder=shipped.image_encoder, lcm_unet=student)
+
+
+def trained_looking_student(teacher):
+    student = make_student(teacher)
+    weight = student.time_embedding.cond_proj.weight
+    weight.data[...] = 0.05 * np.random.default_rng(0).standard_normal(weight.shape)  # w changes the output
+    return student.eval()
+
+
+def test_pipeline_without_a_student_refuses_lcm_in_one_line():
+    pipe = pipeline_with(None)
+    with pytest.raises(ValueError) as info:
+        pipe("a handwritten 7", sampler="lcm", steps=4)
+    message = str(info.value)
+    assert "tinydiff train mnist-captions --out RUN --stages lcm" in message and "\n" not in message
+
+
+def test_lcm_sampling_is_one_student_call_per_step_on_b_rows_with_w_as_input():
+    """pipe(sampler="lcm") = sample_lcm over the trailing grid with the student's f(z, σ, w):
+    one call per step on B rows, the teacher never called, and w reaching the network."""
+    from tinydiff.diffusion import get_sigmas, per_sample_generators, randn_per_sample
+    from tinydiff.diffusion.samplers import sample_lcm
+
+    shipped, _ = shipped_parts()
+    pipe = pipeline_with(trained_looking_student(shipped.unet))
+    prompts = ["a handwritten 7", "a bold handwritten 2", "a handwritten 0"]
+    student_rows, teacher_rows = [], []
+    pipe.lcm_unet.set_attention_callback(lambda name, probs: student_rows.append((name, probs.shape[0])))
+    pipe.unet.set_attention_callback(lambda name, probs: teacher_rows.append(probs.shape[0]))
+    images, z0 = pipe(prompts, sampler="lcm", steps=3, guidance_scale=2.5, seed=11, return_latents=True)
+    layers = len({name for name, _ in student_rows})
+    assert len(student_rows) == 3 * layers and {b for _, b in student_rows} == {3} and not teacher_rows
+    pipe.lcm_unet.set_attention_callback(None)
+
+    context = pipe.encode_prompt(prompts)
+    w = np.full(3, 2.5, dtype=np.float32)
+    model = lambda x, t, c: pipe.lcm_unet(x, t, c, w=w)  # noqa: E731
+    f = ConsistencyFunction(Denoiser(model, pipe.schedule, "epsilon", context=context), pipe.schedule)
+    sigmas = get_sigmas(pipe.schedule, 3, "trailing", sigma_max=pipe.defaults.sigma_max)
+    gens = per_sample_generators(11, 3)
+    z = randn_per_sample(gens, (3, 4, 8, 8)) * float(sigmas[0])
+    with no_grad():
+        expected = sample_lcm(f, z, sigmas, rng=gens, sigma_min=pipe.schedule.sigma_min)
+    np.testing.assert_allclose(z0, expected, rtol=1e-5, atol=1e-5)
+    other_w = pipe(prompts, sampler="lcm", steps=3, guidance_scale=1.0, seed=11, return_latents=True)[1]
+    assert np.abs(other_w - z0).max() > 1e-3
+
+
+def test_lcm_takes_no_negative_prompt():
+    shipped, _ = shipped_parts()
+    pipe = pipeline_with(trained_looking_student(shipped.unet))
+    with pytest.raises(ValueError, match="no negative prompt"):
+        pipe("a handwritten 7", negative_prompt="a handwritten 1", sampler="lcm")
+
+
+def test_the_student_is_saved_listed_and_checked(tmp_path):
+    import json
+    import shutil
+
+    from tinydiff.io import CheckpointError, save_checkpoint, sha256_file
+    from tinydiff.nn import to_state_arrays
+    from tinydiff.pipeline import TextToImagePipeline, pretrained_path
+
+    shipped, _ = shipped_parts()
+    student = trained_looking_student(shipped.unet)
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained_path(), folder)
+    for extra in folder.glob("lcm_unet.npz"):
+        extra.unlink()
+    manifest = json.loads((folder / "model_index.json").read_text())
+    manifest["files"].pop("lcm_unet", None)
+    (folder / "model_index.json").write_text(json.dumps(manifest))
+    before = {f.name: f.read_bytes() for f in folder.glob("*.npz")}
+
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    assert pipe.lcm_unet is None
+    pipe.lcm_unet = student
+    pipe.save_pretrained(folder, only=["lcm_unet"])  # adds the student, leaves the rest as it is
+    assert {f.name: f.read_bytes() for f in folder.glob("*.npz") if f.name in before} == before
+    manifest = json.loads((folder / "model_index.json").read_text())
+    assert manifest["files"]["lcm_unet"] == {"path": "lcm_unet.npz", "sha256": sha256_file(folder / "lcm_unet.npz")}
+    loaded = TextToImagePipeline.from_pretrained(folder)
+    for name, p in student.named_parameters():
+        np.testing.assert_array_equal(dict(loaded.lcm_unet.named_parameters())[name].data, p.data)
+
+    # a teacher U-Net passed off as the student, with a matching sha256, is refused
+    save_checkpoint(folder / "lcm_unet.npz", to_state_arrays(shipped.unet), kind="lcm_unet",
+                    config=shipped.unet.config.to_dict())
+    manifest["files"]["lcm_unet"]["sha256"] = sha256_file(folder / "lcm_unet.npz")
+    (folder / "model_index.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="guidance embedding"):
+        TextToImagePipeline.from_pretrained(folder)
+    manifest["files"]["lcm_unet"]["sha256"] = "0" * 64
+    (folder / "model_index.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="lcm_unet.npz does not match its sha256"):
+        TextToImagePipeline.from_pretrained(folder)
+
+
+def run_cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tinydiff.cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+
+
+def test_cli_lcm_without_a_student_is_one_line_with_the_fix(tmp_path):
+    import shutil
+
+    from tinydiff.pipeline import pretrained_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained_path(), folder)
+    pipe = pipeline_with(None)
+    pipe.save_pretrained(folder, only=[])  # the same folder, the student left out of the manifest
+    for args in (["sample", "a 7", "--sampler", "lcm", "--model", str(folder)],
+                 ["eval", "--sampler", "lcm", "--model", str(folder), "--n-per-digit", "2"]):
+        result = run_cli(*args, cwd=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "--stages lcm" in lines[0] and lines[0].startswith("tinydiff: error:")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_recipe_distils_the_runs_unet_with_stages_lcm(tmp_path):
+    import json
+
+    from tinydiff.pipeline import TextToImagePipeline
+    from tinydiff.train.recipes import RecipeError, quick_recipe, train_mnist_captions
+
+    config = quick_recipe()
+    config.threads = 1
+    with pytest.raises(RecipeError, match="--stages clip,vae,unet"):
+        train_mnist_captions(tmp_path / "fresh", stages=("lcm",), config=config)
+    pipe = train_mnist_captions(tmp_path, config=config)
+    assert pipe.lcm_unet is None and not (tmp_path / "lcm").exists()
+    pipe = train_mnist_captions(tmp_path, stages=("lcm",), resume=True, config=config)
+    assert pipe.lcm_unet is not None and (tmp_path / "samples_lcm.png").is_file()
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "model")
+    np.testing.assert_array_equal(loaded("a handwritten 3", sampler="lcm", steps=2, seed=1),
+                                  pipe("a handwritten 3", sampler="lcm", steps=2, seed=1))
+    record = json.loads((tmp_path / "recipe.json").read_text())
+    assert set(record["seconds"]) == {"clip", "vae", "unet", "lcm"}

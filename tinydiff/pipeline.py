@@ -30,7 +30,16 @@ A saved pipeline is one folder: ``model_index.json`` (format version, the diffus
 sampler defaults, and the sha256 of every other file), ``tokenizer.json``, ``text_encoder.npz``,
 ``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle), and optionally
 ``image_encoder.npz``: CLIP's image tower, not needed to sample, kept so that ``tinydiff eval``
-can measure CLIP's zero-shot accuracy.
+can measure CLIP's zero-shot accuracy, and ``lcm_unet.npz``: a consistency-distilled student of
+the U-Net (``tinydiff.train.lcm``), which ``sampler="lcm"`` uses.
+
+**LCM sampling.** With ``sampler="lcm"`` step 3 changes: the student's consistency function
+f(z, σ, w) = c_skip·z + c_out·x̂0 (``diffusion.consistency``) jumps to a clean latent in one U-Net
+call on B rows, with the guidance scale w as an *input* of the network (classifier-free guidance
+is baked in, so no [∅; c] doubling and no negative prompt), and ``sample_lcm`` re-noises to the
+next σ. Its σ grid defaults to ``trailing`` spacing below sigma_max (for 4 steps, timesteps
+726, 544, 362, 181: the spacing of LCM's scheduler), not the Karras grid, whose last step at
+σ_min would be wasted on f(z, σ_min) = z.
 
 Loading trusts nothing the manifest does not vouch for. The files loaded are a fixed set of
 names (``COMPONENT_FILES``, and ``OPTIONAL_FILES`` when listed); the manifest must list every
@@ -56,6 +65,7 @@ from .backend import backend_of, map_rows, to_device, to_numpy
 from .config import ConfigError, ConfigMixin
 from .data.mnist import from_model_range
 from .diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
+from .diffusion.consistency import ConsistencyFunction
 from .diffusion.samplers import SAMPLERS
 from .diffusion.schedules import SPACINGS
 from .io import CheckpointError, atomic_write, load_checkpoint, load_json, save_checkpoint, sha256_file
@@ -69,7 +79,8 @@ MANIFEST_FORMAT = "tinydiff-pipeline"  # the "format" of model_index.json
 PIPELINE_FORMAT = 1
 COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.npz", "unet": "unet.npz",
                    "vae": "vae.npz"}
-OPTIONAL_FILES = {"image_encoder": "image_encoder.npz"}  # saved when the pipeline has one
+OPTIONAL_FILES = {"image_encoder": "image_encoder.npz", "lcm_unet": "lcm_unet.npz"}  # saved when the pipeline has one
+LCM_SIGMA_SCHEDULE = "trailing"  # the σ grid of sampler="lcm" unless one is asked for (module docstring)
 
 
 class PromptError(ValueError):
@@ -102,14 +113,18 @@ class TextToImagePipeline:
     """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with.
 
     ``diffusion`` may be a training config (``DiffusionTrainingConfig``): the pipeline keeps only
-    its ``DiffusionConfig`` part, the settings sampling needs.
+    its ``DiffusionConfig`` part, the settings sampling needs. ``lcm_unet``, optional, is the
+    U-Net's consistency-distilled student (built with ``UNetConfig.guidance_embedding``).
     """
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
                  diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None,
-                 image_encoder: ImageEncoder | None = None):
+                 image_encoder: ImageEncoder | None = None, lcm_unet: UNet | None = None):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.image_encoder = image_encoder
+        if lcm_unet is not None and not lcm_unet.config.guidance_embedding:
+            raise ValueError("lcm_unet must be a consistency-distilled student (UNetConfig.guidance_embedding=True)")
+        self.lcm_unet = lcm_unet
         self.threads: int | None = None  # CPU threads for the U-Net's rows (None: one per core)
         self.diffusion = diffusion.sampling_config()
         self.defaults = defaults or SamplingDefaults()
@@ -118,7 +133,7 @@ class TextToImagePipeline:
             module.eval()
 
     def _modules(self) -> list[Module]:
-        return [m for m in (self.text_encoder, self.unet, self.vae, self.image_encoder) if m is not None]
+        return [m for m in (self.text_encoder, self.unet, self.vae, self.image_encoder, self.lcm_unet) if m is not None]
 
     @property
     def backend(self) -> str:
@@ -192,6 +207,31 @@ class TextToImagePipeline:
                         self.diffusion.prediction_type, context=context, uncond_context=uncond,
                         guidance_scale=guidance_scale)
 
+    def missing_student_message(self) -> str:
+        """The one-line error for ``sampler="lcm"`` on a pipeline without a distilled student."""
+        return ("this model has no consistency-distilled student (lcm_unet.npz), so it cannot sample with lcm; "
+                "distil one from a training run with: tinydiff train mnist-captions --out RUN --stages lcm, "
+                "or choose another sampler")
+
+    def make_consistency_function(self, prompts: list[str], negative_prompt: str | None,
+                                  guidance_scale: float) -> ConsistencyFunction:
+        """Step 1 for ``sampler="lcm"``: the prompts as token states, inside the student's
+        consistency function f(z, σ), one U-Net call on B rows with w as its input."""
+        if self.lcm_unet is None:
+            raise ValueError(self.missing_student_message())
+        if negative_prompt:
+            raise ValueError("sampler lcm bakes guidance against the learned null context into the student: "
+                             "it takes no negative prompt (leave it out, or use another sampler)")
+        context = self.encode_prompt(prompts)  # (B, L, D)
+        w = to_device(np.full(len(prompts), guidance_scale), self.backend, dtype=context.dtype)  # (B,)
+        threads = 1 if self.lcm_unet.has_attention_callbacks else self.threads
+
+        def model(x, t, c):
+            return map_rows(lambda x_, t_, c_, w_: self.lcm_unet(x_, t_, c_, w=w_), x, t, c, w, threads=threads)
+
+        denoiser = Denoiser(model, self.schedule, self.diffusion.prediction_type, context=context)
+        return ConsistencyFunction(denoiser, self.schedule)
+
     def decode(self, z0) -> np.ndarray:
         """Steps 4–5: clean latents (B, 4, 8, 8) → uint8 digits (B, 28, 28)."""
         with no_grad():
@@ -226,10 +266,17 @@ class TextToImagePipeline:
         o = self.sampling_options(prompts, steps=steps, sampler=sampler, sigma_schedule=sigma_schedule,
                                   guidance_scale=guidance_scale, sigma_max=sigma_max)
         batch = len(prompts)
+        lcm = o.sampler == "lcm"
+        if lcm and sigma_schedule is None:
+            o = dataclasses.replace(o, sigma_schedule=LCM_SIGMA_SCHEDULE)
 
         # 1. the prompt (and the negative prompt, or the learned null context) as token states,
         #    held by the denoiser D(z, σ), which runs the U-Net on [∅; c] and applies CFG
-        denoiser = self.make_denoiser(prompts, negative_prompt, o.guidance_scale)
+        #    (for lcm: by the student's consistency function f(z, σ), one call on [c] with w as input)
+        if lcm:
+            denoiser = self.make_consistency_function(prompts, negative_prompt, o.guidance_scale)
+        else:
+            denoiser = self.make_denoiser(prompts, negative_prompt, o.guidance_scale)
 
         # 2. Gaussian noise at the largest σ: seeded (image i from seed + i), or the latents given.
         #    The seeded draw is made either way, so a stochastic sampler's step noise (drawn next
@@ -243,7 +290,8 @@ class TextToImagePipeline:
 
         # 3. the denoising loop (the sampler calls D(z, σ) once or twice per step)
         with no_grad():
-            z0 = get_sampler(o.sampler)(denoiser, z, sigmas, rng=generators, callback=callback)
+            extra = {"sigma_min": self.schedule.sigma_min} if lcm else {}  # f's boundary (sample_lcm)
+            z0 = get_sampler(o.sampler)(denoiser, z, sigmas, rng=generators, callback=callback, **extra)
         # 4. latents → pixels (VAE decoder) and 5. pixels → uint8 digits
         images = self.decode(z0)  # (B, 28, 28) uint8
         return (images, to_numpy(z0)) if return_latents else images
@@ -265,17 +313,30 @@ class TextToImagePipeline:
                               iterations=iterations, **options)
 
     # -- saving and loading -----------------------------------------------------------------------
-    def save_pretrained(self, path) -> None:
-        """Write the pipeline folder; the manifest (written last) records each file's sha256."""
+    def save_pretrained(self, path, *, only: list[str] | None = None) -> None:
+        """Write the pipeline folder; the manifest (written last) records each file's sha256.
+
+        ``only`` names the components to write (e.g. ``["lcm_unet"]`` to add a student to a
+        folder): the others' files must already be there, are left byte for byte as they are,
+        and are hashed as found.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tokenizer_json = json.dumps(self.tokenizer.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(path / COMPONENT_FILES["tokenizer"], lambda f: f.write(tokenizer_json.encode("utf-8")))
         files = dict(COMPONENT_FILES)
-        if self.image_encoder is not None:
-            files["image_encoder"] = OPTIONAL_FILES["image_encoder"]
+        for name, file in OPTIONAL_FILES.items():
+            if getattr(self, name) is not None:
+                files[name] = file
+        write = set(files) if only is None else set(only)
+        if write - set(files):
+            raise ValueError(f"cannot write {sorted(write - set(files))}: this pipeline has {sorted(files)}")
+        kept = [f for name, f in files.items() if name not in write and not (path / f).is_file()]
+        if kept:
+            raise ValueError(f"{path} lacks {', '.join(kept)}: save the whole pipeline (only=None)")
+        if "tokenizer" in write:
+            tokenizer_json = json.dumps(self.tokenizer.to_dict(), indent=2, sort_keys=True) + "\n"
+            atomic_write(path / COMPONENT_FILES["tokenizer"], lambda f: f.write(tokenizer_json.encode("utf-8")))
         for name in files:
-            if name != "tokenizer":
+            if name != "tokenizer" and name in write:
                 module: Module = getattr(self, name)
                 save_checkpoint(path / files[name], to_state_arrays(module), kind=name, config=module.config.to_dict())
         manifest = {
@@ -318,11 +379,22 @@ class TextToImagePipeline:
         text_encoder = load("text_encoder", lambda c: TextEncoder(TextEncoderConfig.from_dict(c)))
         unet = load("unet", lambda c: UNet(UNetConfig.from_dict(c)))
         vae = load("vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
-        image_encoder = None
+        image_encoder = lcm_unet = None
         if "image_encoder" in files:
             image_encoder = load("image_encoder", lambda c: ImageEncoder(ImageEncoderConfig.from_dict(c)))
-        pipe = cls(tokenizer, text_encoder, unet, vae, diffusion, defaults, image_encoder=image_encoder)
+        if "lcm_unet" in files:
+            lcm_unet = load("lcm_unet", lambda c: UNet(_student_config(c)))
+        pipe = cls(tokenizer, text_encoder, unet, vae, diffusion, defaults, image_encoder=image_encoder,
+                   lcm_unet=lcm_unet)
         return pipe.to(backend) if backend else pipe
+
+
+def _student_config(config: dict) -> UNetConfig:
+    """The config of an lcm_unet file: a U-Net with a guidance embedding, or a ValueError."""
+    config = UNetConfig.from_dict(config)
+    if not config.guidance_embedding:
+        raise ValueError("it is a U-Net without the guidance embedding of a distilled student")
+    return config
 
 
 def _damaged(folder: Path, problem: str) -> CheckpointError:

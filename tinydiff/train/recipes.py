@@ -6,6 +6,10 @@ Three stages, in order, each checkpointed so an interrupted run resumes where it
     vae    KL autoencoder 1×32×32 ↔ 4×8×8    (train/autoencoder.py)  → latents and the decoder
     unet   text-conditional latent U-Net     (train/latent_unet.py)  → the denoiser
 
+and an optional fourth, run only when asked for (``--stages lcm``, once the three exist):
+
+    lcm    consistency distillation of the U-Net (train/lcm.py)      → a 1–4 step student
+
 then the EMA weights of the three are assembled into a ``TextToImagePipeline`` saved in
 ``OUT/model``, with a loss plot per stage and a grid of samples.
 
@@ -16,9 +20,11 @@ checkpoints exist; until then ``train_mnist_captions`` returns None.
 Folder layout::
 
     OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
+    OUT/lcm/state.npz                                               the student's, if distilled
     OUT/<stage>/loss.png                                            loss curves
     OUT/model/                                                      the pipeline (from_pretrained)
     OUT/samples.png                                                 "a handwritten 0" … "9"
+    OUT/samples_lcm.png                                             the same by the student, 4 steps
     OUT/recipe.json                                                 settings, wall time and peak memory per stage
 """
 
@@ -43,9 +49,11 @@ from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
 from .clip import default_loop as clip_default_loop
 from .diffusion import DiffusionTrainingConfig
 from .latent_unet import latent_unet_config, train_latent_unet
+from .lcm import LCMConfig, make_student, train_lcm
 from .loop import LoopConfig, checkpoint_weights
 
-STAGES = ("clip", "vae", "unet")
+BASE_STAGES = ("clip", "vae", "unet")  # what a pipeline needs; the default
+STAGES = BASE_STAGES + ("lcm",)  # lcm: the optional consistency-distilled student
 
 
 @dataclass
@@ -60,12 +68,16 @@ class RecipeConfig(ConfigMixin):
     train_subset: int | None = None  # use only the first N training digits (smoke runs)
     seed: int = 0  # seeds every stage's initial weights and data order
     threads: int | None = None  # CPU cores sharing each U-Net batch, in worker processes (None: one per core)
+    lcm_steps: int = 800  # consistency-distillation steps (stage lcm, train/lcm.py)
+    lcm_batch_size: int = 32  # latents per distillation step
+    lcm_lr: float = 2e-4  # peak learning rate of the student (it starts from the trained U-Net)
+    lcm_loss: str = "huber"  # the distance of the consistency loss: huber (pseudo-Huber) or l2
 
 
 def quick_recipe() -> RecipeConfig:
     """A smoke run of well under a minute: every code path, no useful model."""
     return RecipeConfig(clip_steps=6, vae_steps=6, unet_steps=6, unet_batch_size=8, clip_batch_size=16,
-                        train_subset=256)
+                        train_subset=256, lcm_steps=4, lcm_batch_size=4)
 
 
 class RecipeError(RuntimeError):
@@ -81,7 +93,7 @@ def _subset(data: CaptionedDigits, n: int | None) -> CaptionedDigits:
     return data if n is None else CaptionedDigits(*(a[:n] for a in data))
 
 
-def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config: RecipeConfig | None = None,
+def train_mnist_captions(out_dir, *, stages=BASE_STAGES, resume: bool = False, config: RecipeConfig | None = None,
                          callback: Callable[[dict], None] | None = None):
     """Run the recipe's ``stages``; returns the trained ``TextToImagePipeline`` (also saved in
     OUT/model), or None when a stage's checkpoint is still missing (no pipeline is written then;
@@ -143,7 +155,11 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
 
         run_stage("vae", config.vae_steps, fit_vae)
 
-    missing = [s for s in STAGES if not paths[s].exists()]
+    missing = [s for s in BASE_STAGES if not paths[s].exists()]
+    if "lcm" in stages and "unet" not in stages and missing:
+        raise RecipeError(f"the lcm stage distils this run's U-Net, but {out} has no checkpoint of the "
+                          f"{', '.join(missing)} stage(s); train them first (--stages {','.join(missing)}), "
+                          "then --stages lcm")
     if "unet" not in stages and missing:  # e.g. --stages clip,vae on a fresh folder: the U-Net comes later
         record["pipeline"] = f"not written: no checkpoint of the {', '.join(missing)} stage(s) yet"
         save_json(record_path, record)
@@ -171,12 +187,32 @@ def train_mnist_captions(out_dir, *, stages=STAGES, resume: bool = False, config
     else:
         unet.load_state_dict(checkpoint_weights(load_checkpoint(paths["unet"])[0], "ema", path=paths["unet"]))
 
+    # -- stage 4 (optional): the consistency-distilled student of that U-Net ------------------------
+    student = None
+    if "lcm" in stages:
+        lcm_config = LCMConfig(batch_size=config.lcm_batch_size, loss=config.lcm_loss)
+        lcm_loop = _stage_loop(LoopConfig(total_steps=config.lcm_steps, lr=config.lcm_lr, warmup_steps=20,
+                                          checkpoint_every=50), config.lcm_steps, config.seed)
+
+        def fit_lcm(cb):
+            return train_lcm(unet, vae, text_encoder, tokenizer, train, lcm_loop, lcm_config, diffusion,
+                             checkpoint_path=paths["lcm"], resume=resume, callback=cb, seed=config.seed)
+
+        student = run_stage("lcm", config.lcm_steps, fit_lcm)["student"]
+    elif "unet" not in stages and paths["lcm"].exists():  # keep a student distilled from this same U-Net
+        student = make_student(unet)
+        student.load_state_dict(checkpoint_weights(load_checkpoint(paths["lcm"])[0], "last", path=paths["lcm"]))
+
     # -- assemble, save, and look --------------------------------------------------------------
-    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(), image_encoder=clip.image)
+    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(), image_encoder=clip.image,
+                               lcm_unet=student)
     pipe.save_pretrained(out / "model")
     record["pipeline"] = str(out / "model")
     save_json(record_path, record)
-    _sample_grid(pipe, out / "samples.png", per_digit=2 if config.train_subset else 8)
+    per_digit = 2 if config.train_subset else 8
+    _sample_grid(pipe, out / "samples.png", per_digit=per_digit)
+    if student is not None:
+        _sample_grid(pipe, out / "samples_lcm.png", per_digit=per_digit, sampler="lcm", steps=4)
     return pipe
 
 
@@ -217,7 +253,7 @@ def _plot_loss(history, path: Path, stage: str) -> None:
     plt.close(fig)
 
 
-def _sample_grid(pipe, path: Path, per_digit: int) -> None:
+def _sample_grid(pipe, path: Path, per_digit: int, **options) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,7 +263,7 @@ def _sample_grid(pipe, path: Path, per_digit: int) -> None:
     from ..viz import image_grid, save_figure
 
     prompts = [p for p in zero_shot_prompts() for _ in range(per_digit)]
-    images = pipe(prompts, seed=0)
+    images = pipe(prompts, seed=0, **options)
     fig = image_grid(images, ncols=per_digit * 2)
     save_figure(fig, path)
     plt.close(fig)
