@@ -36,11 +36,11 @@ def files(tmp_path):
 
 def test_edit_writes_the_img2img_of_its_input(capsys, pipe, files):
     folder, threes = files
-    code, out, err = run(capsys, "edit", folder / "threes.npy", "an 8", "--strength", 0.5, "--steps", 4, "--seed", 3,
+    code, out, err = run(capsys, "edit", folder / "threes.npy", "an 8", "--strength", 0.75, "--steps", 4, "--seed", 3,
                          "--sampler", "euler", "--output", folder / "out.npy")
     assert code == 0, err
-    assert "wrote 2 image(s)" in out and "2/2" in err  # the bar counts the 2 steps strength 0.5 of 4 runs
-    expected = pipe.img2img(threes, "an 8", 0.5, steps=4, seed=3, sampler="euler")
+    assert "wrote 2 image(s)" in out and "3/3" in err  # the bar counts the 3 steps strength 0.75 of 4 runs
+    expected = pipe.img2img(threes, "an 8", 0.75, steps=4, seed=3, sampler="euler")  # (not the default 0.6's 2)
     np.testing.assert_array_equal(np.load(folder / "out.npy"), expected)
     code, _, err = run(capsys, "edit", folder / "three.png", "an 8", "--steps", 2, "--output", folder / "out.png")
     assert code == 0 and (folder / "out.png").stat().st_size > 0, err
