@@ -2,7 +2,7 @@
 
     prompt ─► tokenizer ─► text encoder ─► token states (context) ─┐
                                                                    ▼
-    seeded noise (4×8×8 latent) ─► denoising loop: U-Net + CFG + sampler ─► clean latent
+    seeded noise (4×8×8 latent) ─► denoising loop: denoiser + CFG + sampler ─► clean latent
                                                                    ▼
                                           VAE decoder ─► 32×32 image ─► crop to 28×28 uint8
 
@@ -26,9 +26,16 @@ loop part way down from a noised picture, ``inpaint`` puts the kept part of a pi
 every step, ``invert`` runs the deterministic loop backwards to find a picture's noise, which
 ``pipe(prompt, latents=noise)`` turns back into the picture.
 
-A saved pipeline is one folder: ``model_index.json`` (format version, the diffusion settings,
-sampler defaults, and the sha256 of every other file), ``tokenizer.json``, ``text_encoder.npz``,
-``unet.npz`` and ``vae.npz`` (tinydiff checkpoints: no pickle), and optionally
+**The denoiser network** is a U-Net (``models.unet``) or a diffusion transformer
+(``models.dit``): both take (z, t, context, mask) and return the prediction, and both carry the
+learned null context. ``pipe.denoiser_net`` is that network and ``pipe.denoiser_type`` says which
+("unet" or "dit"); ``pipe.unet`` is the same object under the name the pipeline had when the
+U-Net was its only denoiser (kept so that code written for the U-Net keeps working).
+
+A saved pipeline is one folder: ``model_index.json`` (format version, the denoiser type, the
+diffusion settings, sampler defaults, and the sha256 of every other file), ``tokenizer.json``,
+``text_encoder.npz``, the denoiser's weights — ``unet.npz`` or ``dit.npz`` — and ``vae.npz``
+(tinydiff checkpoints: no pickle), and optionally
 ``image_encoder.npz``: CLIP's image tower, not needed to sample, kept so that ``tinydiff eval``
 can measure CLIP's zero-shot accuracy, and ``lcm_unet.npz``: a consistency-distilled student of
 the U-Net (``tinydiff.train.lcm``), which ``sampler="lcm"`` uses.
@@ -42,7 +49,8 @@ next σ. Its σ grid defaults to ``trailing`` spacing below sigma_max (for 4 ste
 σ_min would be wasted on f(z, σ_min) = z.
 
 Loading trusts nothing the manifest does not vouch for. The files loaded are a fixed set of
-names (``COMPONENT_FILES``, and ``OPTIONAL_FILES`` when listed); the manifest must list every
+names (``COMPONENT_FILES``, the denoiser's file of ``DENOISER_FILES``, and ``OPTIONAL_FILES`` when
+listed); the manifest must list every
 one of them under exactly that name with the sha256 of its bytes, and nothing else. Anything
 else — a file missing from the list, an unknown entry, a path of another name, a key of the
 wrong type in any section, JSON that does not parse — makes ``from_pretrained`` refuse the
@@ -71,14 +79,18 @@ from .diffusion.schedules import SPACINGS
 from .io import CheckpointError, atomic_write, load_checkpoint, load_json, save_checkpoint, sha256_file
 from .models.autoencoder import AutoencoderConfig, AutoencoderKL
 from .models.clip import ImageEncoder, ImageEncoderConfig, TextEncoder, TextEncoderConfig
+from .models.dit import DiT, DiTConfig
 from .models.unet import UNet, UNetConfig
 from .nn import Module, no_grad, to_state_arrays
 from .text.tokenizer import Tokenizer
 
 MANIFEST_FORMAT = "tinydiff-pipeline"  # the "format" of model_index.json
 PIPELINE_FORMAT = 1
-COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.npz", "unet": "unet.npz",
-                   "vae": "vae.npz"}
+COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.npz", "vae": "vae.npz"}
+# the denoiser network: its type (model_index.json's "denoiser", "unet" when absent) → its file; class and config
+DENOISER_FILES = {"unet": "unet.npz", "dit": "dit.npz"}
+DENOISERS = {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
+PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit")  # the pipelines shipped in tinydiff/pretrained/
 OPTIONAL_FILES = {"image_encoder": "image_encoder.npz", "lcm_unet": "lcm_unet.npz"}  # saved when the pipeline has one
 LCM_SIGMA_SCHEDULE = "trailing"  # the σ grid of sampler="lcm" unless one is asked for (module docstring)
 
@@ -87,9 +99,21 @@ class PromptError(ValueError):
     """A prompt the model cannot draw: empty, or made of words it has never seen."""
 
 
-def pretrained_path() -> Path:
-    """The folder of the pipeline shipped inside the package (trained by the default recipe)."""
-    return Path(str(resources.files("tinydiff") / "pretrained" / "mnist-captions"))
+def pretrained_path(name: str = "mnist-captions") -> Path:
+    """The folder of a pipeline shipped inside the package: ``mnist-captions`` (the U-Net, trained
+    by the default recipe) or ``mnist-captions-dit`` (the DiT, ``--denoiser dit``)."""
+    if name not in PRETRAINED_MODELS:
+        raise ValueError(f"no shipped model named {name!r}; shipped: {', '.join(PRETRAINED_MODELS)}")
+    return Path(str(resources.files("tinydiff") / "pretrained" / name))
+
+
+def denoiser_type(net: Module) -> str:
+    """"unet" or "dit": the key of ``DENOISERS`` whose class ``net`` is (ValueError otherwise)."""
+    for name, (cls, _) in DENOISERS.items():
+        if isinstance(net, cls):
+            return name
+    raise ValueError(f"the denoiser must be a {' or a '.join(c.__name__ for c, _ in DENOISERS.values())}, "
+                     f"got {type(net).__name__}")
 
 
 @dataclass
@@ -113,14 +137,17 @@ class TextToImagePipeline:
     """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with.
 
     ``diffusion`` may be a training config (``DiffusionTrainingConfig``): the pipeline keeps only
-    its ``DiffusionConfig`` part, the settings sampling needs. ``lcm_unet``, optional, is the
+    its ``DiffusionConfig`` part, the settings sampling needs. ``unet`` (the third argument, named
+    so when the U-Net was the only denoiser) is the denoiser network: a ``UNet`` or a ``DiT``
+    (``denoiser_net``). ``lcm_unet``, optional, is the
     U-Net's consistency-distilled student (built with ``UNetConfig.guidance_embedding``).
     """
 
-    def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet, vae: AutoencoderKL,
+    def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet | DiT, vae: AutoencoderKL,
                  diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None,
                  image_encoder: ImageEncoder | None = None, lcm_unet: UNet | None = None):
-        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.denoiser_type = denoiser_type(unet)  # "unet" or "dit": which file it is saved to
+        self.tokenizer, self.text_encoder, self.denoiser_net, self.vae = tokenizer, text_encoder, unet, vae
         self.image_encoder = image_encoder
         if lcm_unet is not None and not lcm_unet.config.guidance_embedding:
             raise ValueError("lcm_unet must be a consistency-distilled student (UNetConfig.guidance_embedding=True)")
@@ -132,12 +159,18 @@ class TextToImagePipeline:
         for module in self._modules():
             module.eval()
 
+    @property
+    def unet(self) -> UNet | DiT:
+        """The denoiser network under its U-Net-era name: ``denoiser_net`` (a ``DiT`` in a DiT pipeline)."""
+        return self.denoiser_net
+
     def _modules(self) -> list[Module]:
-        return [m for m in (self.text_encoder, self.unet, self.vae, self.image_encoder, self.lcm_unet) if m is not None]
+        return [m for m in (self.text_encoder, self.denoiser_net, self.vae, self.image_encoder, self.lcm_unet)
+                if m is not None]
 
     @property
     def backend(self) -> str:
-        return backend_of(self.unet.conv_in.weight.data)
+        return backend_of(self.denoiser_net.parameters()[0].data)
 
     def to(self, backend: str) -> "TextToImagePipeline":
         """Move every network to ``backend`` ('numpy' or 'cupy')."""
@@ -189,8 +222,8 @@ class TextToImagePipeline:
         return get_sigmas(self.schedule, options.steps, options.sigma_schedule, sigma_max=options.sigma_max)
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
-        """(B, 4, 8, 8): the shape of the U-Net's latents (its in_channels and sample_size)."""
-        c = self.unet.config
+        """(B, 4, 8, 8): the shape of the denoiser's latents (its in_channels and sample_size)."""
+        c = self.denoiser_net.config
         return (batch, c.in_channels, c.sample_size, c.sample_size)
 
     def make_denoiser(self, prompts: list[str], negative_prompt: str | None, guidance_scale: float) -> Denoiser:
@@ -199,11 +232,12 @@ class TextToImagePipeline:
         if negative_prompt:
             uncond = self.encode_prompt([negative_prompt] * len(prompts))
         else:
-            uncond = self.unet.null_context(len(prompts))  # (B, L, D): the "no prompt" context learned in training
+            uncond = self.denoiser_net.null_context(len(prompts))  # (B, L, D): the "no prompt" context learned in training
         # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows), unless an
         # attention callback is watching it (it would see half-batches from two threads)
-        threads = 1 if self.unet.has_attention_callbacks else self.threads
-        return Denoiser(lambda x, t, c: map_rows(self.unet, x, t, c, threads=threads), self.schedule,
+        net = self.denoiser_net
+        threads = 1 if net.has_attention_callbacks else self.threads
+        return Denoiser(lambda x, t, c: map_rows(net, x, t, c, threads=threads), self.schedule,
                         self.diffusion.prediction_type, context=context, uncond_context=uncond,
                         guidance_scale=guidance_scale)
 
@@ -322,7 +356,7 @@ class TextToImagePipeline:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        files = dict(COMPONENT_FILES)
+        files = {**COMPONENT_FILES, self.denoiser_type: DENOISER_FILES[self.denoiser_type]}
         for name, file in OPTIONAL_FILES.items():
             if getattr(self, name) is not None:
                 files[name] = file
@@ -337,11 +371,12 @@ class TextToImagePipeline:
             atomic_write(path / COMPONENT_FILES["tokenizer"], lambda f: f.write(tokenizer_json.encode("utf-8")))
         for name in files:
             if name != "tokenizer" and name in write:
-                module: Module = getattr(self, name)
+                module: Module = self.denoiser_net if name == self.denoiser_type else getattr(self, name)
                 save_checkpoint(path / files[name], to_state_arrays(module), kind=name, config=module.config.to_dict())
         manifest = {
             "format": MANIFEST_FORMAT,
             "format_version": PIPELINE_FORMAT,
+            "denoiser": self.denoiser_type,
             "diffusion": self.diffusion.to_dict(),
             "sampling_defaults": self.defaults.to_dict(),
             "files": {name: {"path": f, "sha256": sha256_file(path / f)} for name, f in files.items()},
@@ -353,14 +388,19 @@ class TextToImagePipeline:
     def from_pretrained(cls, path=None, *, backend: str | None = None) -> "TextToImagePipeline":
         """Load a pipeline folder (default: the shipped weights), verifying every file it loads.
 
+        ``path`` is a folder, or the name of a shipped pipeline (``PRETRAINED_MODELS``; a folder of
+        the same name is read when given as a ``Path`` or with a directory part, e.g. "./mnist-captions-dit").
+
         Raises CheckpointError (one line) for a folder that is not a pipeline, a manifest of
         another version, and anything the manifest does not vouch for (``read_manifest``).
         """
-        path = Path(path) if path is not None else pretrained_path()
+        if path is None or (isinstance(path, str) and path in PRETRAINED_MODELS):
+            path = pretrained_path(path or "mnist-captions")
+        path = Path(path)
         index = path / "model_index.json"
         if not index.is_file():
             raise CheckpointError(f"{path} is not a tinydiff pipeline folder (no model_index.json)")
-        diffusion, defaults, files = read_manifest(path)
+        diffusion, defaults, files, denoiser = read_manifest(path)
 
         def load(name: str, build) -> Module:
             """The checkpoint of component ``name``, its network built from the config it records."""
@@ -377,14 +417,15 @@ class TextToImagePipeline:
         except ValueError as err:
             raise _damaged(path, f"{files['tokenizer']} is not a tokenizer ({err})") from None
         text_encoder = load("text_encoder", lambda c: TextEncoder(TextEncoderConfig.from_dict(c)))
-        unet = load("unet", lambda c: UNet(UNetConfig.from_dict(c)))
+        net_class, net_config = DENOISERS[denoiser]
+        denoiser_net = load(denoiser, lambda c: net_class(net_config.from_dict(c)))
         vae = load("vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
         image_encoder = lcm_unet = None
         if "image_encoder" in files:
             image_encoder = load("image_encoder", lambda c: ImageEncoder(ImageEncoderConfig.from_dict(c)))
         if "lcm_unet" in files:
             lcm_unet = load("lcm_unet", lambda c: UNet(_student_config(c)))
-        pipe = cls(tokenizer, text_encoder, unet, vae, diffusion, defaults, image_encoder=image_encoder,
+        pipe = cls(tokenizer, text_encoder, denoiser_net, vae, diffusion, defaults, image_encoder=image_encoder,
                    lcm_unet=lcm_unet)
         return pipe.to(backend) if backend else pipe
 
@@ -402,8 +443,14 @@ def _damaged(folder: Path, problem: str) -> CheckpointError:
                            "restore the folder from where it came from, or retrain")
 
 
-def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict[str, str]]:
-    """Check ``folder/model_index.json`` and the files it lists: (diffusion, defaults, {component: file}).
+def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict[str, str], str]:
+    """Check ``folder/model_index.json`` and the files it lists:
+    (diffusion, defaults, {component: file}, denoiser type).
+
+    Optionally the manifest says "denoiser": a key of DENOISERS ("unet" or "dit"); without it the
+    folder is a U-Net pipeline (every folder written before the DiT). The denoiser's own name is
+    then a required component (its file in DENOISER_FILES), and the other denoiser's name is an
+    unknown entry.
 
     The manifest must be a JSON object with exactly the keys "format", "format_version",
     "diffusion", "sampling_defaults" and "files". "files" maps every name of COMPONENT_FILES
@@ -420,9 +467,9 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     if not isinstance(manifest, dict):
         raise _damaged(folder, "model_index.json is not a JSON object")
     expected_keys = {"format", "format_version", "diffusion", "sampling_defaults", "files"}
-    if set(manifest) != expected_keys:
+    if set(manifest) - {"denoiser"} != expected_keys:  # "denoiser" is optional
         problems = [f"missing {k!r}" for k in sorted(expected_keys - set(manifest))]
-        problems += [f"unknown {k!r}" for k in sorted(set(manifest) - expected_keys)]
+        problems += [f"unknown {k!r}" for k in sorted(set(manifest) - expected_keys - {"denoiser"})]
         raise _damaged(folder, f"model_index.json has the wrong sections ({', '.join(problems)})")
     if manifest["format"] != MANIFEST_FORMAT:
         raise _damaged(folder, f"model_index.json is not a {MANIFEST_FORMAT} manifest")
@@ -435,12 +482,16 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     except ValueError as err:  # ConfigError, or a value the config refuses
         raise _damaged(folder, f"model_index.json has a bad config section ({err})") from None
 
+    denoiser = manifest.get("denoiser", "unet")
+    if not isinstance(denoiser, str) or denoiser not in DENOISERS:
+        raise _damaged(folder, f"model_index.json names the denoiser {denoiser!r}, not one of {', '.join(DENOISERS)}")
     listed = manifest["files"]
     if not isinstance(listed, dict):
         raise _damaged(folder, '"files" in model_index.json is not a JSON object')
-    known = {**COMPONENT_FILES, **OPTIONAL_FILES}
+    required = {**COMPONENT_FILES, denoiser: DENOISER_FILES[denoiser]}
+    known = {**required, **OPTIONAL_FILES}
     unknown = sorted(set(listed) - set(known))
-    missing = sorted(set(COMPONENT_FILES) - set(listed))
+    missing = sorted(set(required) - set(listed))
     if unknown or missing:
         problems = [f"{n!r} is not listed" for n in missing] + [f"unknown entry {n!r}" for n in unknown]
         raise _damaged(folder, f"model_index.json lists the wrong files ({', '.join(problems)})")
@@ -457,7 +508,7 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
         if sha256_file(file) != entry["sha256"]:
             raise _damaged(folder, f"{known[name]} does not match its sha256 in model_index.json")
         files[name] = known[name]
-    return diffusion, defaults, files
+    return diffusion, defaults, files, denoiser
 
 
 def _check_options(steps, sampler, sigma_schedule, guidance_scale) -> None:
