@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..models.autoencoder import AutoencoderKL
 from ..models.clip import TextEncoder
-from ..models.dit import DiTConfig
+from ..models.dit import DiT, DiTConfig
 from ..models.unet import UNet, UNetConfig
 from ..nn import no_grad
 from ..text.captions import sample_captions
@@ -88,10 +88,10 @@ class CaptionConditioning:
         """The text encoder is frozen: its gradient is not needed."""
 
 
-def train_latent_unet(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, train_data,
+def train_latent_unet(unet: UNet | DiT, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, train_data,
                       loop: LoopConfig, diffusion: DiffusionTrainingConfig | None = None, *, checkpoint_path=None,
                       resume: bool = False, callback=None, stop_at: int | None = None, threads: int = 1) -> dict:
-    """Train ``unet`` on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts;
+    """Train ``unet`` (a U-Net or a DiT) on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts;
     ``threads`` CPU cores share each batch (``diffusion_grads``: this process and worker processes)."""
     diffusion = diffusion or DiffusionTrainingConfig()
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
@@ -99,7 +99,8 @@ def train_latent_unet(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder,
     grads = diffusion_grads(unet, latents, diffusion, conditioning, threads=threads)
     try:
         return train_loop(unet, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind=CHECKPOINT_KIND,
-                          model_config={"unet": unet.config.to_dict(), "diffusion": diffusion.to_dict()},
+                          model_config={"dit" if isinstance(unet, DiT) else "unet": unet.config.to_dict(),
+                                        "diffusion": diffusion.to_dict()},
                           callback=callback, stop_at=stop_at)
     finally:
         grads.close()  # the worker processes end with the stage

@@ -13,6 +13,15 @@ and an optional fourth, run only when asked for (``--stages lcm``, once the thre
 then the EMA weights of the three are assembled into a ``TextToImagePipeline`` saved in
 ``OUT/model``, with a loss plot per stage and a grid of samples.
 
+**The DiT instead of the U-Net** (``RecipeConfig.denoiser = "dit"``, ``tinydiff train
+mnist-captions --denoiser dit``): the third stage is named ``dit`` and trains the diffusion
+transformer of ``latent_dit_config`` (checkpoint OUT/dit/state.npz), and the pipeline is saved
+in OUT/model-dit, beside a U-Net's OUT/model, so both denoisers can be trained on the CLIP and
+VAE stages of one run. ``dit_recipe()`` holds the shipped DiT's settings. With
+``encoders=FOLDER`` (``--encoders``), the tokenizer, text encoder and VAE are taken from a
+pipeline folder (or a shipped pipeline's name) instead of the clip and vae stages: the shipped
+DiT was trained on the shipped U-Net pipeline's, so the two differ only in their denoiser.
+
 A run may train only some stages (``stages=("clip", "vae")``): the U-Net stage needs the
 checkpoints of the two before it, and the pipeline is assembled only once all three
 checkpoints exist; until then ``train_mnist_captions`` returns None.
@@ -21,8 +30,10 @@ Folder layout::
 
     OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
     OUT/lcm/state.npz                                               the student's, if distilled
+    OUT/dit/state.npz                                               the DiT's, with denoiser="dit"
     OUT/<stage>/loss.png                                            loss curves
     OUT/model/                                                      the pipeline (from_pretrained)
+    OUT/model-dit/   OUT/samples-dit.png                            the same with denoiser="dit"
     OUT/samples.png                                                 "a handwritten 0" … "9"
     OUT/samples_lcm.png                                             the same by the student, 4 steps
     OUT/recipe.json                                                 settings, wall time and peak memory per stage
@@ -41,6 +52,7 @@ import numpy as np
 from ..backend import blas_threads, cpu_count
 from ..config import ConfigMixin
 from ..io import load_checkpoint, load_json, save_json
+from ..models.dit import DiT
 from ..models.unet import UNet
 from ..pipeline import TextToImagePipeline
 from .autoencoder import default_loop as vae_default_loop
@@ -48,22 +60,26 @@ from .autoencoder import load_autoencoder, train_autoencoder
 from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
 from .clip import default_loop as clip_default_loop
 from .diffusion import DiffusionTrainingConfig
-from .latent_unet import latent_unet_config, train_latent_unet
+from .latent_unet import latent_dit_config, latent_unet_config, train_latent_unet
 from .lcm import LCMConfig, make_student, train_lcm
 from .loop import LoopConfig, checkpoint_weights
 
 BASE_STAGES = ("clip", "vae", "unet")  # what a pipeline needs; the default
 STAGES = BASE_STAGES + ("lcm",)  # lcm: the optional consistency-distilled student
+DENOISERS = ("unet", "dit")  # RecipeConfig.denoiser; the denoiser stage is named after it
 
 
 @dataclass
 class RecipeConfig(ConfigMixin):
     clip_steps: int = 1200  # contrastive steps at batch 128
     vae_steps: int = 600  # autoencoder steps at batch 32
-    unet_steps: int = 6000  # latent U-Net steps
+    unet_steps: int = 6000  # latent U-Net steps (the denoiser stage's, a DiT's too)
     unet_batch_size: int = 64  # latents per U-Net step
     unet_lr: float = 1e-3  # peak learning rate of the U-Net
     schedule: str = "linear"  # the U-Net's β schedule (diffusion.schedules.SCHEDULES)
+    denoiser: str = "unet"  # the denoiser stage's network: "unet" (latent_unet_config) or "dit" (latent_dit_config)
+    loss_weighting: str = "plain"  # the denoiser's loss: plain (DDPM eq. 14) or min_snr (Hang et al. 2023, γ = 5)
+    encoders: str | None = None  # a pipeline folder or shipped name: its tokenizer, text encoder, VAE replace clip, vae
     clip_batch_size: int = 128  # image–caption pairs per contrastive step
     train_subset: int | None = None  # use only the first N training digits (smoke runs)
     seed: int = 0  # seeds every stage's initial weights and data order
@@ -80,6 +96,20 @@ def quick_recipe() -> RecipeConfig:
                         train_subset=256, lcm_steps=4, lcm_batch_size=4)
 
 
+def dit_recipe() -> RecipeConfig:
+    """The shipped DiT's settings (``mnist-captions-dit``): ``latent_dit_config``, 5,000 steps of 64
+    latents at peak learning rate 10⁻³, min-SNR loss weighting (Hang et al. 2023 report it speeds up
+    the convergence of transformer denoisers most), everything else as the U-Net's recipe."""
+    return RecipeConfig(denoiser="dit", unet_steps=5000, loss_weighting="min_snr")
+
+
+def recipe_stages(config: RecipeConfig) -> tuple[str, ...]:
+    """The stages ``config`` can run, in order: clip and vae (unless ``encoders`` replaces them),
+    the denoiser stage (``unet`` or ``dit``), and lcm for a U-Net."""
+    first = () if config.encoders else ("clip", "vae")
+    return first + (config.denoiser,) + (("lcm",) if config.denoiser == "unet" else ())
+
+
 class RecipeError(RuntimeError):
     """The output folder or the requested stages do not fit together (message says how to fix)."""
 
@@ -93,22 +123,32 @@ def _subset(data: CaptionedDigits, n: int | None) -> CaptionedDigits:
     return data if n is None else CaptionedDigits(*(a[:n] for a in data))
 
 
-def train_mnist_captions(out_dir, *, stages=BASE_STAGES, resume: bool = False, config: RecipeConfig | None = None,
+def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: RecipeConfig | None = None,
                          callback: Callable[[dict], None] | None = None):
     """Run the recipe's ``stages``; returns the trained ``TextToImagePipeline`` (also saved in
-    OUT/model), or None when a stage's checkpoint is still missing (no pipeline is written then;
-    recipe.json's "pipeline" says which stages are missing).
+    OUT/model, or OUT/model-dit), or None when a stage's checkpoint is still missing (no pipeline
+    is written then; recipe.json's "pipeline" says which stages are missing). ``stages`` None:
+    clip, vae and the denoiser (only the denoiser with ``config.encoders``).
 
     ``callback`` receives every training step's dict with "stage" added, plus
     {"stage", "event": "start" | "end", "total_steps", "seconds"} around each stage.
     """
     config = config or RecipeConfig()
     out = Path(out_dir)
-    unknown = [s for s in stages if s not in STAGES]
+    if config.denoiser not in DENOISERS:
+        raise RecipeError(f"unknown denoiser {config.denoiser!r}; valid: {', '.join(DENOISERS)}")
+    den = config.denoiser  # the denoiser stage's name: "unet" or "dit"
+    valid = recipe_stages(config)
+    stages = [s for s in valid if s != "lcm"] if stages is None else stages
+    if config.encoders and any(s in ("clip", "vae") for s in stages):
+        raise RecipeError(f"--encoders {config.encoders} takes the text encoder and VAE from that pipeline: "
+                          f"drop clip and vae from --stages (train only {den})")
+    unknown = [s for s in stages if s not in valid]
     if unknown:
-        raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(STAGES)}")
-    stages = [s for s in STAGES if s in stages]  # always in pipeline order
-    paths = {s: out / s / "state.npz" for s in STAGES}
+        raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; valid stages: {', '.join(valid)}")
+    stages = [s for s in valid if s in stages]  # always in pipeline order
+    needed = tuple(s for s in valid if s != "lcm")  # the checkpoints a pipeline is assembled from
+    paths = {s: out / s / "state.npz" for s in valid}
     if not resume:
         existing = [str(paths[s]) for s in stages if paths[s].exists()]
         if existing:
@@ -155,37 +195,45 @@ def train_mnist_captions(out_dir, *, stages=BASE_STAGES, resume: bool = False, c
 
         run_stage("vae", config.vae_steps, fit_vae)
 
-    missing = [s for s in BASE_STAGES if not paths[s].exists()]
+    missing = [s for s in needed if not paths[s].exists()]
     if "lcm" in stages and "unet" not in stages and missing:
         raise RecipeError(f"the lcm stage distils this run's U-Net, but {out} has no checkpoint of the "
                           f"{', '.join(missing)} stage(s); train them first (--stages {','.join(missing)}), "
                           "then --stages lcm")
-    if "unet" not in stages and missing:  # e.g. --stages clip,vae on a fresh folder: the U-Net comes later
+    if den not in stages and missing:  # e.g. --stages clip,vae on a fresh folder: the U-Net comes later
         record["pipeline"] = f"not written: no checkpoint of the {', '.join(missing)} stage(s) yet"
         save_json(record_path, record)
         return None
 
-    # -- stage 3: the latent U-Net (on the frozen text encoder and autoencoder) --------------------
-    clip, tokenizer = _require(load_clip, paths["clip"], "clip")
-    text_encoder = clip.text
-    vae = _require(load_autoencoder, paths["vae"], "vae")
-    diffusion = DiffusionTrainingConfig(schedule=config.schedule, batch_size=config.unet_batch_size)
-    unet = UNet(latent_unet_config(text_encoder.config.width, tokenizer.max_length), seed=config.seed)
-    if "unet" in stages:
+    # -- stage 3: the latent U-Net or DiT (on the frozen text encoder and autoencoder) -------------
+    if config.encoders:  # a trained pipeline's, instead of this run's clip and vae stages
+        source = TextToImagePipeline.from_pretrained(config.encoders)
+        tokenizer, text_encoder, vae, image_encoder = source.tokenizer, source.text_encoder, source.vae, \
+            source.image_encoder
+    else:
+        clip, tokenizer = _require(load_clip, paths["clip"], "clip")
+        text_encoder, image_encoder = clip.text, clip.image
+        vae = _require(load_autoencoder, paths["vae"], "vae")
+    diffusion = DiffusionTrainingConfig(schedule=config.schedule, batch_size=config.unet_batch_size,
+                                        loss_weighting=config.loss_weighting)
+    make_config = latent_unet_config if den == "unet" else latent_dit_config
+    unet = (UNet if den == "unet" else DiT)(make_config(text_encoder.config.width, tokenizer.max_length),
+                                            seed=config.seed)  # a U-Net or a DiT: the same interface
+    if den in stages:
         unet_loop = LoopConfig(total_steps=config.unet_steps, lr=config.unet_lr, warmup_steps=200, ema_decay=0.999,
                                checkpoint_every=500)
 
         def fit_unet(cb):
             result = train_latent_unet(unet, vae, text_encoder, tokenizer, train,
                                        _stage_loop(unet_loop, config.unet_steps, config.seed), diffusion,
-                                       checkpoint_path=paths["unet"], resume=resume, callback=cb,
+                                       checkpoint_path=paths[den], resume=resume, callback=cb,
                                        threads=cpu_count() if config.threads is None else config.threads)
             result["ema"].copy_to(unet)  # sample with the averaged weights
             return result
 
-        run_stage("unet", config.unet_steps, fit_unet)
+        run_stage(den, config.unet_steps, fit_unet)
     else:
-        unet.load_state_dict(checkpoint_weights(load_checkpoint(paths["unet"])[0], "ema", path=paths["unet"]))
+        unet.load_state_dict(checkpoint_weights(load_checkpoint(paths[den])[0], "ema", path=paths[den]))
 
     # -- stage 4 (optional): the consistency-distilled student of that U-Net ------------------------
     student = None
@@ -199,21 +247,27 @@ def train_mnist_captions(out_dir, *, stages=BASE_STAGES, resume: bool = False, c
                              checkpoint_path=paths["lcm"], resume=resume, callback=cb, seed=config.seed)
 
         student = run_stage("lcm", config.lcm_steps, fit_lcm)["student"]
-    elif "unet" not in stages and paths["lcm"].exists():  # keep a student distilled from this same U-Net
+    elif den == "unet" and "unet" not in stages and paths["lcm"].exists():  # keep a student of this same U-Net
         student = make_student(unet)
         student.load_state_dict(checkpoint_weights(load_checkpoint(paths["lcm"])[0], "last", path=paths["lcm"]))
 
     # -- assemble, save, and look --------------------------------------------------------------
-    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(), image_encoder=clip.image,
-                               lcm_unet=student)
-    pipe.save_pretrained(out / "model")
-    record["pipeline"] = str(out / "model")
+    pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(),
+                               image_encoder=image_encoder, lcm_unet=student)
+    model_dir = out / model_folder_name(config)
+    pipe.save_pretrained(model_dir)
+    record["pipeline"] = str(model_dir)
     save_json(record_path, record)
     per_digit = 2 if config.train_subset else 8
-    _sample_grid(pipe, out / "samples.png", per_digit=per_digit)
+    _sample_grid(pipe, out / ("samples.png" if den == "unet" else f"samples-{den}.png"), per_digit=per_digit)
     if student is not None:
         _sample_grid(pipe, out / "samples_lcm.png", per_digit=per_digit, sampler="lcm", steps=4)
     return pipe
+
+
+def model_folder_name(config: RecipeConfig) -> str:
+    """Where in OUT the pipeline is saved: "model" for the U-Net, "model-dit" for the DiT."""
+    return "model" if config.denoiser == "unet" else f"model-{config.denoiser}"
 
 
 def _peak_rss_mb() -> float | None:
