@@ -37,10 +37,16 @@ def cmd_info(args) -> int:
           "         (sampling: threads; U-Net training: processes, see tinydiff train --threads);\n"
           f"         BLAS's default here, for NumPy code outside tinydiff: {backend.blas_default_threads()} thread(s)")
     print(f"cupy     {backend.cupy_status()}")
+    print(f"models   shipped: {', '.join(f'{n} ({kind})' for n, kind in SHIPPED_MODELS.items())}; "
+          "--model takes one of these names or a pipeline folder")
     return 0
 
 
 DEFAULT_RUN_DIR = "runs/mnist-captions"
+# the pipelines shipped in tinydiff/pretrained/ (pipeline.PRETRAINED_MODELS), named here without importing NumPy
+SHIPPED_MODELS = {"mnist-captions": "U-Net", "mnist-captions-dit": "DiT"}
+MODEL_HELP = ("a shipped model, mnist-captions (the U-Net) or mnist-captions-dit (the DiT), or a pipeline folder "
+              "(default: mnist-captions)")
 
 
 def _use_backend(name: str | None) -> None:
@@ -53,17 +59,30 @@ def _use_backend(name: str | None) -> None:
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
-    from .train.recipes import STAGES, RecipeConfig, quick_recipe, train_mnist_captions
+    from .train.recipes import (DENOISERS, RecipeConfig, dit_recipe, model_folder_name, quick_recipe, recipe_stages,
+                                train_mnist_captions)
 
     if args.recipe != "mnist-captions":
         raise CLIError(f"unknown recipe {args.recipe!r}; available: mnist-captions")
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad or not stages:
-        raise CLIError(f"--stages takes a comma-separated list of {', '.join(STAGES)}; got {args.stages!r}")
+    if args.denoiser not in DENOISERS:
+        raise CLIError(f"--denoiser must be {' or '.join(DENOISERS)}, got {args.denoiser!r}")
+    if args.quick:
+        config = quick_recipe()
+        config.denoiser = args.denoiser
+    else:
+        config = dit_recipe() if args.denoiser == "dit" else RecipeConfig()
+    if args.encoders is not None:
+        config.encoders = str(_model_path(args.encoders))
+    valid = recipe_stages(config)
+    stages = None  # the recipe's default: clip, vae and the denoiser (only the denoiser with --encoders)
+    if args.stages is not None:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        bad = [s for s in stages if s not in valid]
+        if bad or not stages:
+            raise CLIError(f"--stages takes a comma-separated list of {', '.join(valid)}"
+                           f"{' (with --encoders)' if config.encoders else ''}; got {args.stages!r}")
     _check_seed(args.seed)
     _use_backend(args.backend)
-    config = quick_recipe() if args.quick else RecipeConfig()
     config.seed = args.seed
     if args.threads is not None:
         if args.threads < 1:
@@ -86,19 +105,28 @@ def cmd_train(args) -> int:
             bar.refresh()
 
     pipe = train_mnist_captions(args.out, stages=stages, resume=args.resume, config=config, callback=progress)
-    print(f"pipeline saved to {Path(args.out) / 'model'}; samples in {Path(args.out) / 'samples.png'}")
-    print(f'try: tinydiff sample "a bold handwritten 7" --model {Path(args.out) / "model"}')
+    if pipe is None:
+        print(f"stages done; the pipeline is written once every stage has a checkpoint in {args.out}")
+        return 0
+    model = Path(args.out) / model_folder_name(config)
+    samples = "samples.png" if config.denoiser == "unet" else f"samples-{config.denoiser}.png"
+    print(f"pipeline saved to {model}; samples in {Path(args.out) / samples}")
+    print(f'try: tinydiff sample "a bold handwritten 7" --model {model}')
     del pipe
     return 0
 
 
 def _model_path(model: str | None) -> Path:
-    """The pipeline folder ``--model`` names (default: the shipped weights), checked to be one."""
+    """The pipeline folder ``--model`` names: a shipped model's name (default: mnist-captions) or a
+    folder (a folder that has a shipped model's name is given as ./NAME), checked to be one."""
     from .pipeline import pretrained_path
 
-    path = Path(model) if model else pretrained_path()
+    shipped = not model or model in SHIPPED_MODELS
+    path = pretrained_path(model or "mnist-captions") if shipped else Path(model)
     if not (path / "model_index.json").is_file():
-        hint = "train one with: tinydiff train mnist-captions" if model else "the shipped weights are missing"
+        hint = ("the shipped weights are missing; reinstall tinydiff" if shipped else
+                f"--model takes a shipped model's name ({', '.join(SHIPPED_MODELS)}) or a pipeline folder; "
+                "train one with: tinydiff train mnist-captions")
         raise CLIError(f"no tinydiff model in {path} ({hint})")
     return path
 
@@ -387,7 +415,7 @@ def _add_sampling_arguments(command, *, output: str, sampler: bool = True, seed:
     step; inversion is deterministic). ``input_colors``: offer --dark-ink for commands that
     read pictures. ``output``: the default --output.
     """
-    command.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
+    command.add_argument("--model", help=MODEL_HELP)
     command.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
     if sampler:
         command.add_argument("--sampler", help="euler, euler_ancestral, heun, dpmpp_2m, ddim, ddpm, or lcm: the "
@@ -418,12 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions, the array backend, BLAS and whether CuPy/a GPU is usable")
     info.set_defaults(func=cmd_info)
 
-    train = sub.add_parser("train", help="train a recipe end to end (mnist-captions: CLIP, VAE, latent U-Net)")
+    train = sub.add_parser("train", help="train a recipe end to end (mnist-captions: CLIP, VAE, latent U-Net or DiT)")
     train.add_argument("recipe", help="the recipe to train: mnist-captions")
     train.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"output folder (default: {DEFAULT_RUN_DIR})")
-    train.add_argument("--stages", default="clip,vae,unet",
-                       help="comma-separated stages to run (default: clip,vae,unet); lcm distils the trained U-Net "
-                            "into a 1-4 step consistency student, e.g. --stages lcm on a finished run")
+    train.add_argument("--stages",
+                       help="comma-separated stages to run (default: clip,vae,unet; clip,vae,dit with --denoiser dit; "
+                            "only the denoiser with --encoders); lcm distils the trained U-Net into a 1-4 step "
+                            "consistency student, e.g. --stages lcm on a finished run")
+    train.add_argument("--denoiser", default="unet",
+                       help="unet (default; pipeline in OUT/model) or dit, the diffusion transformer (OUT/model-dit; "
+                            "the shipped mnist-captions-dit's settings)")
+    train.add_argument("--encoders", metavar="MODEL",
+                       help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
+                            "folder) instead of training the clip and vae stages")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     train.add_argument("--backend", choices=["numpy", "cupy"], help="array backend (default: TINYDIFF_BACKEND or numpy)")
     train.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
@@ -487,11 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     invert.set_defaults(func=cmd_invert)
 
     words = sub.add_parser("words", help="list the words a model knows (its whole vocabulary), grouped")
-    words.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
+    words.add_argument("--model", help=MODEL_HELP)
     words.set_defaults(func=cmd_words)
 
     evaluate = sub.add_parser("eval", help="measure a model: prompt accuracy, MNIST-FD, attribute adherence, CLIP")
-    evaluate.add_argument("--model", help="a pipeline folder (default: the shipped pretrained weights)")
+    evaluate.add_argument("--model", help=MODEL_HELP)
     evaluate.add_argument("--n-per-digit", type=int, default=100, help="images per digit prompt (default: 100)")
     evaluate.add_argument("--n-attribute", type=int, default=20, help="images per bold/thin prompt and digit (default: 20)")
     evaluate.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
