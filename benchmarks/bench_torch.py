@@ -2,6 +2,7 @@
 
     python benchmarks/bench_torch.py                        # 1 and 2 threads, every case
     python benchmarks/bench_torch.py --threads 2 --repeats 7 --cases unet-train sample64
+    python benchmarks/bench_torch.py --threads 2 --cases dit-train dit-sample64   # the DiT
     python benchmarks/bench_torch.py --json torch.json      # also write the results
 
 Needs PyTorch (``pip install 'tinydiff[torch]'``); without it the script says so and exits.
@@ -11,6 +12,8 @@ Cases (float32, tinydiff's default configs and batch sizes):
     unet-train  one training step of the latent U-Net, batch 64, contexts (64, 16, 64): the batch
                 drawn as ``train.diffusion.diffusion_grads`` draws it (timesteps, ε, 10% null
                 contexts), forward, MSE on ε, backward, AdamW
+    dit-train   the same step for the latent DiT (``train.latent_unet.latent_dit_config``), the
+                same batches
     vae-train   one training step of the autoencoder, batch 32: forward (encode, sample,
                 decode), reconstruction + KL loss, backward, AdamW
     text-train  one step of the text encoder, 128 captions: forward, MSE on the pooled
@@ -19,6 +22,7 @@ Cases (float32, tinydiff's default configs and batch sizes):
                 guidance (one 128-row U-Net call per step), prompt encoding and VAE decoding
                 included; the PyTorch side runs the same loop (tinydiff's sampler and σ
                 bookkeeping) with the mirrored networks under ``torch.inference_mode``
+    dit-sample64  the same with the shipped DiT pipeline (``mnist-captions-dit``)
 
 The PyTorch networks are ``torch_models.py``: built from tinydiff's configs with the same
 parameter names and shapes, tinydiff's weights copied in. Before timing, each case checks that
@@ -63,8 +67,8 @@ import bench_unet  # noqa: F401
 
 from tinydiff import cost
 
-CASES = ("unet-train", "vae-train", "text-train", "sample64")
-UNET_TRAIN_TARGET = 1.5  # issue 9: tinydiff's U-Net training step within 1.5× PyTorch's eager time on 2 cores
+CASES = ("unet-train", "dit-train", "vae-train", "text-train", "sample64", "dit-sample64")
+UNET_TRAIN_TARGET = 1.5  # tinydiff's U-Net (and DiT) training step within 1.5× PyTorch's eager time on 2 cores
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # NumPy's OpenBLAS; PyTorch's
 PARITY_TOLERANCE = 1e-3  # float32 networks of this size agree to ~1e-6; 1e-3 means something differs
 
@@ -205,17 +209,35 @@ def torch_diffusion_grads(model, data, config, contexts):
 
 
 def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
+    from tinydiff.models import UNet
+    from tinydiff.train.latent_unet import latent_unet_config
+
+    return denoiser_train_case(UNet(latent_unet_config()), "latent U-Net", batch, threads)
+
+
+def dit_train_case(batch: int = 64, threads: int = 1) -> Case:
+    from tinydiff.models.dit import DiT
+    from tinydiff.train.latent_unet import latent_dit_config
+
+    from tinydiff.backend import rng
+
+    dit = DiT(latent_dit_config())
+    gen = rng(4)
+    for p in dit.parameters():  # a fresh DiT outputs exactly 0 (adaLN-Zero): leave the start, so parity means something
+        p.data += (0.02 * gen.standard_normal(p.shape)).astype(p.data.dtype)
+    return denoiser_train_case(dit, "latent DiT", batch, threads)
+
+
+def denoiser_train_case(unet, label: str, batch: int, threads: int) -> Case:
+    """A diffusion training step of ``unet`` (a U-Net or a DiT: the same interface) and its mirror."""
     import torch
 
     from torch_models import mirror
     from tinydiff.backend import rng
-    from tinydiff.models import UNet
     from tinydiff.nn import AdamW, no_grad
     from tinydiff.train.diffusion import DiffusionTrainingConfig, diffusion_grads
-    from tinydiff.train.latent_unet import latent_unet_config
 
-    config = latent_unet_config()
-    unet = UNet(config)
+    config = unet.config
     reference = mirror(unet)
     data_gen = rng(0)
     latents = data_gen.standard_normal((1000, 4, 8, 8)).astype(np.float32)  # like s·μ: unit variance
@@ -254,7 +276,7 @@ def unet_train_case(batch: int = 64, threads: int = 1) -> Case:
     flops = training_flops(lambda: one_core(0, rng(3)), unet)
     unet.zero_grad()
     return Case(tiny_step, torch_step, flops, parity,
-                f"latent U-Net training step, batch {batch}, {unet.num_parameters():,} params")
+                f"{label} training step, batch {batch}, {unet.num_parameters():,} params")
 
 
 def vae_train_case(batch: int = 32) -> Case:
@@ -362,11 +384,11 @@ def torch_pipeline(pipe, text_encoder, unet, vae, prompt: str, num_images: int, 
     return from_model_range(x), z0
 
 
-def sample_case(num_images: int = 64, threads: int = 1) -> Case:
+def sample_case(num_images: int = 64, threads: int = 1, model: str = "mnist-captions") -> Case:
     from torch_models import mirror
-    from tinydiff.pipeline import TextToImagePipeline
+    from tinydiff.pipeline import TextToImagePipeline, pretrained_path
 
-    pipe = TextToImagePipeline.from_pretrained()
+    pipe = TextToImagePipeline.from_pretrained(pretrained_path(model))
     pipe.threads = threads  # U-Net rows split over this many CPU threads (backend.map_rows)
     text_encoder, unet, vae = mirror(pipe.text_encoder), mirror(pipe.unet), mirror(pipe.vae)
     prompt, seed = "a bold handwritten 7", 0
@@ -382,18 +404,23 @@ def sample_case(num_images: int = 64, threads: int = 1) -> Case:
     d = pipe.defaults
     predicted = num_images * cost.pipeline_cost(pipe)["gflop_per_image"] * 1e9  # the defaults' sampler and steps
     if abs(count.total - predicted) > 1e-9 * predicted:
-        raise SystemExit(f"sample64: counted {count.total} FLOPs but pipeline_cost predicts {predicted:.0f}")
+        raise SystemExit(f"{model} sample64: counted {count.total} FLOPs but pipeline_cost predicts {predicted:.0f}")
     images_b, z_b = torch_step()
     # uint8 pixels may round to neighbouring levels; a difference of two levels or more is an error.
     levels = np.abs(images_a.astype(np.int64) - images_b.astype(np.int64))
     parity = {"latents": relative_difference(z_a, z_b), "pixels off by >1 level": float((levels > 1).mean())}
     return Case(tiny_step, torch_step, count.total, parity,
-                f"{num_images} images, {d.steps} {d.sampler} {d.sigma_schedule} steps, guidance {d.guidance_scale}")
+                f"{model}: {num_images} images, {d.steps} {d.sampler} {d.sigma_schedule} steps, "
+                f"guidance {d.guidance_scale}")
 
 
-THREADED_CASES = ("unet-train", "sample64")  # tinydiff splits the batch over T cores (BLAS single-threaded)
-BUILDERS = {"unet-train": unet_train_case, "vae-train": vae_train_case, "text-train": text_train_case,
-            "sample64": sample_case}
+def dit_sample_case(num_images: int = 64, threads: int = 1) -> Case:
+    return sample_case(num_images, threads, model="mnist-captions-dit")
+
+
+THREADED_CASES = ("unet-train", "dit-train", "sample64", "dit-sample64")  # the batch split over T cores
+BUILDERS = {"unet-train": unet_train_case, "dit-train": dit_train_case, "vae-train": vae_train_case,
+            "text-train": text_train_case, "sample64": sample_case, "dit-sample64": dit_sample_case}
 
 
 # --------------------------------------------------------------------------- one thread count
@@ -409,7 +436,7 @@ def run_threads(threads: int, cases, repeats: int) -> dict:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     gemm = gemm_rates(max(repeats, 5))
     print(f"float32 GEMM 1024³: NumPy {gemm['numpy']:.1f} GFLOP/s, PyTorch {gemm['torch']:.1f} GFLOP/s", flush=True)
-    print(f"{'case':>11}  {'tinydiff ms':>11}  {'torch ms':>9}  {'ratio':>5}  {'GFLOP/step':>10}  "
+    print(f"{'case':>12}  {'tinydiff ms':>11}  {'torch ms':>9}  {'ratio':>5}  {'GFLOP/step':>10}  "
           f"{'tiny GFLOP/s':>12}  {'torch GFLOP/s':>13}  parity (relative difference)", flush=True)
     results = {"threads": threads, "gemm_gflops": gemm, "load_average": os.getloadavg()[0], "cases": {}}
     for name in cases:
@@ -424,10 +451,10 @@ def run_threads(threads: int, cases, repeats: int) -> dict:
             "parity": case.parity, "times": times,
         }
         parity = ", ".join(f"{k} {v:.1e}" for k, v in case.parity.items())
-        print(f"{name:>11}  {tiny_s * 1e3:11.1f}  {torch_s * 1e3:9.1f}  {r['ratio']:5.2f}  {case.flops / 1e9:10.3f}  "
+        print(f"{name:>12}  {tiny_s * 1e3:11.1f}  {torch_s * 1e3:9.1f}  {r['ratio']:5.2f}  {case.flops / 1e9:10.3f}  "
               f"{r['tinydiff_gflops']:12.1f}  {r['torch_gflops']:13.1f}  {parity}", flush=True)
     for name in cases:
-        print(f"{name:>11}: {results['cases'][name]['what']}")
+        print(f"{name:>12}: {results['cases'][name]['what']}")
     results["load_average_after"] = os.getloadavg()[0]
     return results
 
@@ -467,14 +494,15 @@ def main() -> None:
             results.append(json.loads(out.read_text()))
 
     print("\nratio tinydiff / PyTorch (median times; above 1: tinydiff is slower)")
-    print(f"{'case':>11}  " + "  ".join(f"{r['threads']} thread(s)" for r in results))
+    print(f"{'case':>12}  " + "  ".join(f"{r['threads']} thread(s)" for r in results))
     for name in args.cases:
-        print(f"{name:>11}  " + "  ".join(f"{r['cases'][name]['ratio']:11.2f}" for r in results))
-    if "unet-train" in args.cases:
-        for r in results:
-            ratio = r["cases"]["unet-train"]["ratio"]
-            print(f"U-Net training step, {r['threads']} thread(s): tinydiff takes {ratio:.2f}× PyTorch's time "
-                  f"(target on 2 cores: at most {UNET_TRAIN_TARGET}×)")
+        print(f"{name:>12}  " + "  ".join(f"{r['cases'][name]['ratio']:11.2f}" for r in results))
+    for case, label in (("unet-train", "U-Net"), ("dit-train", "DiT")):
+        if case in args.cases:
+            for r in results:
+                ratio = r["cases"][case]["ratio"]
+                print(f"{label} training step, {r['threads']} thread(s): tinydiff takes {ratio:.2f}× PyTorch's "
+                      f"time (target on 2 cores: at most {UNET_TRAIN_TARGET}×)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -1,4 +1,5 @@
-"""PyTorch mirrors of tinydiff's networks (U-Net, DiT, autoencoder, text encoder), for the reference benchmark and its tests.
+"""PyTorch mirrors of tinydiff's networks (U-Net, DiT, autoencoder, text encoder), for the reference
+benchmark and its tests.
 
 Each class is built from the same config dataclass as its tinydiff twin and has the same
 parameter names and shapes, so tinydiff's weights load one-to-one::
@@ -547,7 +548,8 @@ class DiT(nn.Module):
         cfg, p = self.config, self.config.patch_size
         b, c, height, width = x.shape
         gh, gw = height // p, width // p
-        tokens = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)  # (B, N, C·p·p)
+        tokens = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+        tokens = tokens.reshape(b, gh * gw, c * p * p)  # (B, N, C·p·p)
         rows = torch.arange(gh, dtype=x.dtype).repeat_interleave(gw)  # token n → its row i
         cols = torch.arange(gw, dtype=x.dtype).repeat(gh)  # token n → its column j
         pos = torch.cat([timestep_embedding(cols, cfg.width // 2), timestep_embedding(rows, cfg.width // 2)], dim=1)
