@@ -456,3 +456,20 @@ def test_recipe_distils_the_runs_unet_with_stages_lcm(tmp_path):
                                   pipe("a handwritten 3", sampler="lcm", steps=2, seed=1))
     record = json.loads((tmp_path / "recipe.json").read_text())
     assert set(record["seconds"]) == {"clip", "vae", "unet", "lcm"}
+
+
+def test_the_shipped_student_draws_the_digit_asked_for_in_4_steps(tmp_path):
+    from tinydiff.metrics import prompt_accuracy
+    from tinydiff.pipeline import TextToImagePipeline
+    from tinydiff.text.captions import DIGIT_WORDS
+    from tinydiff.train.classifier import load_classifier
+
+    pipe = TextToImagePipeline.from_pretrained()
+    assert pipe.lcm_unet is not None and pipe.lcm_unet.config.guidance_embedding
+    labels = np.repeat(np.arange(10), 2)
+    images = pipe([f"a handwritten {DIGIT_WORDS[d]}" for d in labels], sampler="lcm", steps=4, seed=0)
+    assert prompt_accuracy(load_classifier(), images, labels) >= 0.9
+    result = run_cli("sample", "a handwritten 7", "--sampler", "lcm", "--steps", "4", "--num-images", "2",
+                     "--output", "x.npy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "x.npy").shape == (2, 28, 28)
