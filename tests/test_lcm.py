@@ -4,7 +4,7 @@ solve, one distillation step against Algorithm 1 row by row, its gradients, and 
 import numpy as np
 import pytest
 
-from tinydiff.diffusion import Denoiser, DiffusionConfig, make_schedule
+from tinydiff.diffusion import Denoiser, DiffusionConfig
 from tinydiff.diffusion.consistency import ConsistencyFunction
 from tinydiff.diffusion.samplers import sample_ddim
 from tinydiff.models.embeddings import guidance_embedding, timestep_embedding
