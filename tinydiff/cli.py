@@ -328,7 +328,7 @@ def cmd_invert(args) -> int:
         raise CLIError(f"cannot write --noise-output {noise_output}: {err.strerror or err}") from None
     print(f"wrote the noise of {len(noise)} image(s), {noise.dtype} {noise.shape}, to {noise_output}")
     with tqdm(total=steps, desc="regenerating", unit="step", dynamic_ncols=True) as bar:
-        rebuilt = pipe(args.prompt, latents=noise, callback=lambda info: bar.update(1), **options)
+        rebuilt = pipe(args.prompt, latents=noise, sampler="ddim", callback=lambda info: bar.update(1), **options)
     _write_images(rebuilt, Path(args.output), f"{args.prompt} (inverted and regenerated)")
     return 0
 
