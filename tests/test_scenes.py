@@ -158,15 +158,19 @@ def test_resize_area_is_area_averaging():
 
 
 def test_normalize_digit_is_mnist_style():
+    """Longest side 20, centre of mass on (14, 14) (to the pixel), whatever the digit's size and
+    place in its crop; a blank crop stays blank."""
     images, _ = load_mnist()
-    patch = np.zeros((16, 16), dtype=np.uint8)
-    scenes.paste(patch, scenes.scale_digit(images[123], 11), "cell0")
-    frame = ev.normalize_digit(np.pad(patch, ((3, 0), (0, 5))))  # off-centre in a bigger crop
-    y0, y1, x0, x1 = scenes.ink_box(frame, ev.INK_LEVEL)
-    assert max(y1 - y0, x1 - x0) in (ev.DIGIT_BOX - 1, ev.DIGIT_BOX)  # 20 before pixels fade below the level
     rows, cols = np.mgrid[0:28, 0:28]
-    mass = frame.astype(float).sum()
-    assert abs((rows * frame).sum() / mass - 14) <= 0.5 and abs((cols * frame).sum() / mass - 14) <= 0.5
+    for source in range(0, 10000, 500):  # the bundled file is sorted by digit: two of each class
+        patch = np.zeros((16, 16), dtype=np.uint8)
+        scenes.paste(patch, scenes.scale_digit(images[source], 11), "cell0")
+        frame = ev.normalize_digit(np.pad(patch, ((3, 0), (0, 5))))  # off-centre in a bigger crop
+        y0, y1, x0, x1 = scenes.ink_box(frame, ev.INK_LEVEL)
+        assert max(y1 - y0, x1 - x0) in (ev.DIGIT_BOX - 1, ev.DIGIT_BOX)  # 19: edge pixels may fade below the level
+        mass = frame.astype(float).sum()
+        centre = (rows * frame).sum() / mass, (cols * frame).sum() / mass
+        assert abs(centre[0] - 14) <= 0.5 and abs(centre[1] - 14) <= 0.5, (source, centre)
     assert not ev.normalize_digit(np.zeros((12, 12), np.uint8)).any()
 
 
@@ -209,6 +213,17 @@ def _miscounting(prompts):
     return scenes.render_captions([" ".join(swap.get(w, w) for w in p.split()) for p in prompts]).images
 
 
+def _wrong_count_digit(prompts):
+    """Draws the right number of copies of the next digit: "two 8s" for "two 7s"."""
+    fixed = []
+    for text in prompts:
+        spec = scenes.parse_caption(text)
+        if spec.kind == "count":
+            spec = spec._replace(digits=((spec.digits[0] + 1) % 10,))
+        fixed.append(scenes.scene_caption(spec))
+    return scenes.render_captions(fixed).images
+
+
 def test_evaluator_catches_wrong_pictures(classifier):
     prompts = ev.evaluation_prompts(60, seed=1)
     blind = ev.evaluate_scenes(_order_blind, prompts, classifier=classifier)
@@ -217,6 +232,8 @@ def test_evaluator_catches_wrong_pictures(classifier):
     assert blind["number_accuracy"] > 0.9
     miscount = ev.evaluate_scenes(_miscounting, prompts, classifier=classifier)
     assert miscount["count_only_accuracy"] == 0.0 and miscount["count_accuracy"] == 0.0
+    wrong_digit = ev.evaluate_scenes(_wrong_count_digit, prompts, classifier=classifier)
+    assert wrong_digit["count_only_accuracy"] == 1.0 and wrong_digit["count_accuracy"] <= 0.05, wrong_digit
     sizes = ev.evaluate_scenes(lambda p: _order_blind([t.replace("small", "big") for t in p]), prompts,
                                classifier=classifier)
     assert sizes["small_accuracy"] == 0.0 and sizes["small_digit_accuracy"] > 0.9
