@@ -444,3 +444,33 @@ class FakeCupyArray:
 def test_layer_rejects_an_array_from_another_backend():
     with pytest.raises(BackendError, match="arrays from two backends"):
         Linear(5, 3)(FakeCupyArray((2, 5), np.float32))
+
+
+def test_module_placed_on_another_backend_rejects_a_numpy_input():
+    """The other direction: a NumPy input reaching a layer whose parameters live on CuPy. Each
+    layer checks against one of its own parameter arrays, read at call time (Attention: to_q's)."""
+    lin = Linear(5, 3)
+    lin.weight.data = FakeCupyArray((3, 5), np.float32)
+    with pytest.raises(BackendError, match="arrays from two backends"):
+        lin(np.zeros((2, 5), np.float32))
+    attn = Attention(6, heads=2, dim_head=3)
+    attn.to_q.weight.data = FakeCupyArray((6, 6), np.float32)
+    with pytest.raises(BackendError, match="arrays from two backends"):
+        attn(np.zeros((2, 3, 6), np.float32))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: Linear(5, 3), (2, 5)),
+    (lambda: Conv2d(2, 3, 3, padding=1), (1, 2, 4, 4)),
+    (lambda: GroupNorm(2, 4), (1, 4, 3)),
+    (lambda: LayerNorm(4), (2, 4)),
+    (lambda: Attention(6, heads=2, dim_head=3), (1, 3, 6)),
+], ids=["Linear", "Conv2d", "GroupNorm", "LayerNorm", "Attention"])
+def test_input_dtype_check_follows_astype(make, shape):
+    """The dtype a layer expects is its parameters' dtype now, not the one it was built with."""
+    layer = make().double()
+    with pytest.raises(TypeError, match=f"{type(layer).__name__} has float64 parameters but got a float32 input"):
+        layer(np.zeros(shape, np.float32))
+    assert layer(np.zeros(shape)).dtype == np.float64
+    layer.float()
+    assert layer(np.zeros(shape, np.float32)).dtype == np.float32

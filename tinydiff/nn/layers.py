@@ -30,7 +30,7 @@ class Linear(Module):
         self.bias = Parameter(uniform_init((out_features,), bound, generator)) if bias else None
 
     def forward(self, x):
-        self._check_input(x, None, self.in_features, -1, "(..., in_features)")
+        self._check_input(x, self.weight.data, None, self.in_features, -1, "(..., in_features)")
         out, cache = F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
         self._keep(cache)
         return out
@@ -58,7 +58,7 @@ class Conv2d(Module):
         self.bias = Parameter(uniform_init((out_channels,), bound, generator)) if bias else None
 
     def forward(self, x):
-        self._check_input(x, 4, self.in_channels, 1, "(N, C, H, W)")
+        self._check_input(x, self.weight.data, 4, self.in_channels, 1, "(N, C, H, W)")
         b = None if self.bias is None else self.bias.data
         pair = fast_or_reference(fast_conv, conv)  # the module whose conv2d_forward/backward run
         out, cache = pair.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
@@ -93,7 +93,7 @@ class GroupNorm(Module):
         self.bias = Parameter(_zeros(num_channels))
 
     def forward(self, x):
-        self._check_input(x, None, self.num_channels, 1, "(N, C, ...)")
+        self._check_input(x, self.weight.data, None, self.num_channels, 1, "(N, C, ...)")
         out, cache = F.group_norm_forward(x, self.num_groups, self.weight.data, self.bias.data, self.eps)
         self._keep(cache)
         return out
@@ -120,7 +120,7 @@ class LayerNorm(Module):
                 f"LayerNorm{self.normalized_shape} got an input of shape {tuple(x.shape)}: "
                 "its trailing axes must equal normalized_shape"
             )
-        self._check_input(x, None, None, -1, "")
+        self._check_input(x, self.weight.data, None, None, -1, "")
         out, cache = F.layer_norm_forward(x, self.weight.data, self.bias.data, self.eps)
         self._keep(cache)
         return out
@@ -190,7 +190,7 @@ class Upsample(Module):
         self.scale_factor, self.mode = scale_factor, mode
 
     def forward(self, x):
-        self._check_input(x, 4, None, 1, "(N, C, H, W)")
+        self._check_input(x, None, 4, None, 1, "(N, C, H, W)")
         out, x_shape = F.upsample_nearest2x_forward(x)
         self._keep(x_shape)
         return out
@@ -250,7 +250,7 @@ class Attention(Module):
         return t.transpose(0, 2, 1, 3).reshape(b, length, self.heads * self.dim_head)  # (B, L, h·d)
 
     def forward(self, x, context=None, mask=None):
-        self._check_input(x, 3, self.query_dim, -1, "(B, L, query_dim)")
+        self._check_input(x, self.to_q.weight.data, 3, self.query_dim, -1, "(B, L, query_dim)")
         is_cross = context is not None
         source = context if is_cross else x
         if is_cross and (source.ndim != 3 or source.shape[-1] != self.context_dim or source.shape[0] != x.shape[0]):
@@ -274,7 +274,9 @@ class Attention(Module):
         do = self._split_heads(self.to_out.backward(dout))
         dq, dk, dv = F.attention_backward(do, cache)
         dx = self.to_q.backward(self._merge_heads(dq))
-        dsource = self.to_k.backward(self._merge_heads(dk)) + self.to_v.backward(self._merge_heads(dv))
+        dsource = self.to_k.backward(self._merge_heads(dk))
+        dsource += self.to_v.backward(self._merge_heads(dv))  # in place: Linear.backward returns a new array
         if is_cross:
             return dx, dsource
-        return dx + dsource
+        dx += dsource
+        return dx

@@ -227,9 +227,15 @@ class Module:
         self._cache = None
         return cache
 
-    def _check_input(self, x, ndim: int | None, channels: int | None, axis: int, what: str) -> None:
-        """Clear errors for wrong rank, channel count or dtype, before NumPy fails deep inside."""
-        params = self.parameters()
+    def _check_input(self, x, like, ndim: int | None, channels: int | None, axis: int, what: str) -> None:
+        """Clear errors for wrong rank, channel count, dtype or backend, before NumPy fails deep inside.
+
+        ``like`` is the layer's own parameter array (e.g. ``self.weight.data``) whose dtype and
+        backend the input must share, or None for a layer without parameters. It is read at
+        every call (never remembered), so it stays right after ``.to()``, ``.astype()`` or a
+        replaced parameter; a layer checks one array rather than walking ``parameters()``, so the
+        check costs the same on every layer (a layer's parameters share one dtype and device).
+        """
         if ndim is not None and x.ndim != ndim:
             raise ValueError(f"{type(self).__name__} expects a {ndim}-D input {what}, got shape {tuple(x.shape)}")
         if channels is not None and (not -x.ndim <= axis < x.ndim or x.shape[axis] != channels):
@@ -237,12 +243,12 @@ class Module:
                 f"{type(self).__name__} expects {channels} features on axis {axis} of input {what}, "
                 f"got shape {tuple(x.shape)}"
             )
-        if params and x.dtype != params[0].data.dtype:
+        if like is not None and x.dtype != like.dtype:
             raise TypeError(
-                f"{type(self).__name__} has {params[0].data.dtype} parameters but got a {x.dtype} input; "
-                f"cast the input with x.astype({params[0].data.dtype}) or the module with .astype()"
+                f"{type(self).__name__} has {like.dtype} parameters but got a {x.dtype} input; "
+                f"cast the input with x.astype({like.dtype}) or the module with .astype()"
             )
-        get_xp(x, params[0].data if params else None)  # mixed backends → clear error
+        get_xp(x, like)  # mixed backends → clear error
 
 
 class ModuleList(Module):
