@@ -221,3 +221,57 @@ def test_the_reference_switch_runs_the_one_process_diffusion_step_whatever_threa
     assert loss3 == loss1 and logs3 == logs1 and logs1["dropped"] > 0
     for a, b in zip(g1, g3):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- in-place arithmetic
+
+def _layer_cases():
+    """name → (layer, inputs): each layer or block that sums, scales or normalises in place."""
+    from tinydiff.models.blocks import ResBlock, SpatialTransformer, TransformerBlock
+    from tinydiff.nn import GELU, Attention, GroupNorm, LayerNorm, Linear, SiLU
+
+    gen = np.random.default_rng(3)
+
+    def f(*shape):
+        return gen.standard_normal(shape)
+
+    mask = np.array([[True, True, False], [True, False, False]])
+    return {
+        "Linear": (Linear(4, 5), (f(2, 3, 4),)),
+        "SiLU": (SiLU(), (f(2, 3, 4),)),
+        "GELU": (GELU(), (f(2, 3, 4),)),
+        "LayerNorm": (LayerNorm(4), (f(2, 3, 4),)),
+        "GroupNorm": (GroupNorm(2, 4), (f(2, 4, 3, 3),)),
+        "self-attention": (Attention(6, heads=2, dim_head=3), (f(2, 4, 6),)),
+        "masked cross-attention": (Attention(6, 5, heads=2, dim_head=3), (f(2, 4, 6), f(2, 3, 5), mask)),
+        "ResBlock with shortcut": (ResBlock(4, 6, 8, 2), (f(2, 4, 4, 4), f(2, 8))),
+        "ResBlock without": (ResBlock(4, 4, None, 2), (f(2, 4, 4, 4),)),
+        "TransformerBlock": (TransformerBlock(6, 2, 3, 5), (f(2, 4, 6), f(2, 3, 5), mask)),
+        "SpatialTransformer": (SpatialTransformer(4, 2, 3, 5, 2), (f(2, 4, 2, 2), f(2, 3, 5), mask)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layer_cases()))
+def test_in_place_sums_never_write_into_inputs_outputs_or_upstream_gradients(name):
+    """Residual sums, SiLU, softmax and the attention scores are computed in place, into arrays
+    the layer made itself: its inputs, the output it returned and the gradient handed to backward
+    are left as they were, and a second forward/backward repeats the first bit for bit."""
+    layer, inputs = _layer_cases()[name]
+    layer.double()
+    kept = [x.copy() for x in inputs]
+    results = []
+    for _ in range(2):
+        layer.zero_grad()
+        out = layer(*inputs)
+        out_kept = out.copy()
+        dout = np.random.default_rng(4).standard_normal(out.shape)
+        dout_kept = dout.copy()
+        grads = layer.backward(dout)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        np.testing.assert_array_equal(dout, dout_kept)
+        np.testing.assert_array_equal(out, out_kept)
+        for x, x_kept in zip(inputs, kept):
+            np.testing.assert_array_equal(x, x_kept)
+        results.append([out] + [g for g in grads if g is not None] + [p.grad.copy() for p in layer.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

@@ -229,6 +229,16 @@ def test_upsample_nearest2x_copies_each_pixel_to_a_2x2_block(backends):
     np.testing.assert_array_equal(out[0, 0], np.repeat(np.repeat(to_numpy(x)[0, 0], 2, axis=0), 2, axis=1))
 
 
+def test_upsample_nearest2x_backward_sums_each_2x2_block_as_a_loop_does():
+    dout = np.random.default_rng(5).standard_normal((2, 3, 6, 8))  # non-square: H = 3, W = 4
+    dx = F.upsample_nearest2x_backward(dout, (2, 3, 3, 4))
+    expected = np.zeros((2, 3, 3, 4))
+    for y in range(3):
+        for x in range(4):
+            expected[:, :, y, x] = dout[:, :, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2].sum(axis=(2, 3))
+    np.testing.assert_allclose(dx, expected, rtol=1e-15, atol=0)
+
+
 # --------------------------------------------------------------------------- normalisation
 
 

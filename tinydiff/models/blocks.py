@@ -41,6 +41,13 @@ def add_grads(total, grad):
     return total + grad
 
 
+def residual(branch, skip):
+    """``branch + skip``, summed into ``branch``: for a branch that is a layer's new output (no
+    cache holds it), so a residual connection costs no new array. Returns ``branch``."""
+    branch += skip
+    return branch
+
+
 class ResBlock(Module):
     """ResBlock(in_channels, out_channels, temb_channels, groups).
 
@@ -71,10 +78,9 @@ class ResBlock(Module):
         h = self.conv1(self.act1(self.norm1(x)))  # (B, C_out, H, W)
         if temb is not None:
             shift = self.time_emb_proj(self.time_act(temb))  # (B, C_out): one number per channel
-            h = h + shift[:, :, None, None]  # (B, C_out, 1, 1) broadcast over H, W
-        h = self.conv2(self.act2(self.norm2(h)))
+            h += shift[:, :, None, None]  # (B, C_out, 1, 1) broadcast over H, W; h is conv1's new output
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return residual(self.conv2(self.act2(self.norm2(h))), skip)
 
     def backward(self, dout):
         # The residual sum sends dout unchanged down both branches.
@@ -84,7 +90,7 @@ class ResBlock(Module):
             self.time_emb_proj.backward(dh.sum(axis=(2, 3))))
         dx = self.norm1.backward(self.act1.backward(self.conv1.backward(dh)))
         dskip = dout if self.conv_shortcut is None else self.conv_shortcut.backward(dout)
-        return dx + dskip, dtemb
+        return residual(dx, dskip), dtemb
 
 
 class TransformerBlock(Module):
@@ -108,22 +114,22 @@ class TransformerBlock(Module):
     def forward(self, x, context=None, mask=None):
         if context is not None and self.attn2 is None:
             raise ValueError("this transformer block has no cross-attention (built with context_dim=None)")
-        h = x + self.attn1(self.norm1(x))
+        h = residual(self.attn1(self.norm1(x)), x)
         used_context = context is not None
         if used_context:
-            h = h + self.attn2(self.norm2(h), context, mask)
+            h = residual(self.attn2(self.norm2(h), context, mask), h)
         self._keep(used_context)
-        return h + self.ff(self.norm3(h))
+        return residual(self.ff(self.norm3(h)), h)
 
     def backward(self, dout):
         used_context = self._take()
         # Each "h = h + f(norm(h))" passes its gradient straight through and through f ∘ norm.
-        dh = dout + self.norm3.backward(self.ff.backward(dout))
+        dh = residual(self.norm3.backward(self.ff.backward(dout)), dout)
         dcontext = None
         if used_context:
             dq, dcontext = self.attn2.backward(dh)
-            dh = dh + self.norm2.backward(dq)
-        return dh + self.norm1.backward(self.attn1.backward(dh)), dcontext
+            dh = residual(self.norm2.backward(dq), dh)
+        return residual(self.norm1.backward(self.attn1.backward(dh)), dh), dcontext
 
 
 class SpatialTransformer(Module):
@@ -163,7 +169,7 @@ class SpatialTransformer(Module):
             dcontext = add_grads(dcontext, dc)
         dtokens = self.proj_in.backward(dtokens)  # (B, HW, C)
         dnorm = dtokens.reshape(b, h, w, c).transpose(0, 3, 1, 2)  # (B, HW, C) → (B, C, H, W)
-        return dout + self.norm.backward(dnorm), dcontext  # residual: dout reaches x directly too
+        return residual(self.norm.backward(dnorm), dout), dcontext  # residual: dout reaches x directly too
 
 
 class Downsample2D(Module):

@@ -10,8 +10,10 @@ from ..backend import backend_of, erf, fast_or_reference, get_xp, to_device
 
 def sigmoid(x):
     """σ(x) = 1/(1+e^{−x}) written as ½(1 + tanh(x/2)), which never overflows."""
-    xp = get_xp(x)
-    return 0.5 * (1.0 + xp.tanh(0.5 * x))
+    s = get_xp(x).tanh(0.5 * x)
+    s += 1.0  # in place: no temporary per step
+    s *= 0.5
+    return s
 
 
 class SiLUCache(NamedTuple):
@@ -28,7 +30,12 @@ def silu_forward(x):
 def silu_backward(dout, cache: SiLUCache):
     """d/dx [x σ(x)] = σ(x) + x σ(x)(1 − σ(x)) = σ(x)(1 + x(1 − σ(x)))."""
     x, s = cache
-    return dout * s * (1.0 + x * (1.0 - s))
+    t = 1.0 - s
+    t *= x
+    t += 1.0  # 1 + x(1 − σ), in place
+    dx = dout * s
+    dx *= t
+    return dx
 
 
 class GELUCache(NamedTuple):
@@ -133,15 +140,19 @@ class SoftmaxCache(NamedTuple):
 def softmax_forward(x, axis: int = -1):
     """p_i = e^{x_i − max x} / Σ_j e^{x_j − max x} (subtracting the max changes nothing but overflow)."""
     xp = get_xp(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    p = e / e.sum(axis=axis, keepdims=True)
+    p = x - x.max(axis=axis, keepdims=True)
+    xp.exp(p, out=p)  # in place: one new array in all
+    p /= p.sum(axis=axis, keepdims=True)
     return p, SoftmaxCache(p, axis)
 
 
 def softmax_backward(dout, cache: SoftmaxCache):
     """∂p_i/∂x_j = p_i(δ_ij − p_j)  ⇒  dx = p ⊙ (dout − Σ_j dout_j p_j)."""
     p, axis = cache
-    return p * (dout - (dout * p).sum(axis=axis, keepdims=True))
+    dx = dout * p
+    get_xp(dx).subtract(dout, dx.sum(axis=axis, keepdims=True), out=dx)  # dout − Σ_j dout_j p_j, in place
+    dx *= p
+    return dx
 
 
 class DropoutCache(NamedTuple):

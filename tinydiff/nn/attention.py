@@ -37,10 +37,11 @@ def attention_forward(q, k, v, mask=None):
     """
     xp = get_xp(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = (q @ k.swapaxes(-1, -2)) * scale  # (B, H, Lq, Lk)
+    s = q @ k.swapaxes(-1, -2)  # (B, H, Lq, Lk)
+    s *= scale
     if mask is not None:
         # A large finite negative (not −∞) keeps a fully masked row finite instead of NaN.
-        s = xp.where(mask, s, xp.asarray(xp.finfo(s.dtype).min / 2, dtype=s.dtype))
+        xp.copyto(s, xp.finfo(s.dtype).min / 2, where=~mask)
     p, _ = softmax_forward(s, axis=-1)
     return p @ v, AttentionCache(q, k, v, p, scale, mask)
 
@@ -50,9 +51,10 @@ def attention_backward(dout, cache: AttentionCache):
     q, k, v, p, scale, mask = cache
     dv = p.swapaxes(-1, -2) @ dout
     dp = dout @ v.swapaxes(-1, -2)
-    ds = softmax_backward(dp, SoftmaxCache(p, -1)) * scale
+    ds = softmax_backward(dp, SoftmaxCache(p, -1))
+    ds *= scale
     if mask is not None:  # masked scores were replaced by a constant: no gradient flows to them
-        ds = get_xp(ds).where(mask, ds, 0.0)
+        get_xp(ds).copyto(ds, 0.0, where=~mask)
     dq = ds @ k
     dk = ds.swapaxes(-1, -2) @ q
     return dq, dk, dv

@@ -20,19 +20,22 @@ def linear_forward(x, w, b=None):
     """out = x Wᵀ + b.
 
     Shapes: x (..., in), w (out, in) (PyTorch's layout), b (out,) or None → out (..., out).
+    Every leading axis is a row of one matrix product: NumPy's ``@`` on a stack of matrices
+    (B, L, in) would call BLAS once per b, B small products instead of one large one.
     """
-    out = x @ w.T
+    x2 = x.reshape(-1, x.shape[-1])  # (..., in) → (rows, in)
+    out = x2 @ w.T  # (rows, out)
     if b is not None:
         out += b
-    return out, LinearCache(x, w, b is not None)
+    return out.reshape(x.shape[:-1] + w.shape[:1]), LinearCache(x, w, b is not None)  # (rows, out) → (..., out)
 
 
 def linear_backward(dout, cache: LinearCache):
     """dx = dout W,  dW = Σ_rows doutᵀ x,  db = Σ_rows dout.  Returns (dx, dw, db or None)."""
     x, w, has_bias = cache
-    dx = dout @ w
     d2 = dout.reshape(-1, dout.shape[-1])  # (rows, out): every leading axis is a row
     x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    dx = (d2 @ w).reshape(x.shape)  # (rows, in) → (..., in)
     dw = d2.T @ x2
     db = d2.sum(axis=0) if has_bias else None
     return dx, dw, db
