@@ -41,9 +41,20 @@ def _inputs(n, c, o, h, w, kernel, dtype, seed=0):
     return x, weight, bias
 
 
+@pytest.fixture(params=["winograd", "im2col"])
+def small_batch_path(request, monkeypatch):
+    """Both paths of a 3×3 'same' convolution of a small batch: Winograd (its size threshold
+    lowered to 0) and im2col (the default below ``WINOGRAD_MIN_ROWS`` tiles)."""
+    if request.param == "winograd":
+        monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_ROWS", 0)
+    one_tile = np.zeros((1, 1, 2, 2))
+    assert fast_conv._winograd_applies(one_tile, 3, 3, 1, 1, 1) == (request.param == "winograd")
+    return request.param
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fast_conv2d_equals_the_reference_in_float64(geometry, with_bias):
+def test_fast_conv2d_equals_the_reference_in_float64(geometry, with_bias, small_batch_path):
     n, c, o, h, w, kernel, stride, padding = geometry
     x, weight, bias = _inputs(n, c, o, h, w, kernel, np.float64)
     bias = bias if with_bias else None
@@ -61,7 +72,7 @@ def test_fast_conv2d_equals_the_reference_in_float64(geometry, with_bias):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("n,c,o,size", [(16, 32, 32, 8), (16, 64, 64, 4), (8, 96, 32, 8)])
+@pytest.mark.parametrize("n,c,o,size", [(16, 32, 32, 8), (32, 64, 64, 4), (8, 96, 32, 8)])
 def test_winograd_conv2d_in_float32_is_within_rounding_of_the_reference(n, c, o, size):
     """The U-Net's 3×3 shapes in float32: forward, input and weight gradient (all Winograd) within
     a relative 1e-5 of the float64 result (a direct float32 sum is within about 1e-6)."""
@@ -79,15 +90,31 @@ def test_winograd_conv2d_in_float32_is_within_rounding_of_the_reference(n, c, o,
     assert np.abs(dw - dw_exact).max() / np.abs(dw_exact).max() < 1e-5
 
 
-def test_winograd_scratch_reuse_keeps_the_zero_padding():
+def test_winograd_scratch_reuse_keeps_the_zero_padding(monkeypatch):
     """The Winograd path reuses one scratch buffer for every layer; a call on a large image leaves
     numbers where a smaller image's padding lies, and the padding must read as zeros anyway."""
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_ROWS", 0)
     big, _, _ = _inputs(2, 3, 4, 8, 8, 3, np.float64, seed=5)
     x, weight, bias = _inputs(3, 3, 4, 4, 4, 3, np.float64, seed=6)
     want = conv.conv2d_forward(x, weight, bias, 1, 1)[0]
     for _ in range(2):
         fast_conv.conv2d_forward(big * 100, weight, bias, 1, 1)
         np.testing.assert_allclose(fast_conv.conv2d_forward(x, weight, bias, 1, 1)[0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_runs_from_its_threshold_of_tiles_and_im2col_below_it(monkeypatch):
+    """A batch of fewer than ``WINOGRAD_MIN_ROWS`` tiles (N·H/2·W/2) runs im2col, one of that many
+    Winograd: counted by the calls each makes, forward and backward (dx and dW)."""
+    calls = []
+    for name in ("_winograd_3x3", "_winograd_weight_grad", "_im2col_chunks"):
+        original = getattr(fast_conv, name)
+        monkeypatch.setattr(fast_conv, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    for n, expected in [(7, {"_im2col_chunks"}), (8, {"_winograd_3x3", "_winograd_weight_grad"})]:
+        x, weight, bias = _inputs(n, 3, 4, 8, 8, 3, np.float64)  # 16 tiles per image: 112, then 128
+        calls.clear()
+        out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
+        fast_conv.conv2d_backward(np.ones_like(out), cache)
+        assert set(calls) == expected, (n, calls)
 
 
 @pytest.mark.parametrize("reference", [False, True])

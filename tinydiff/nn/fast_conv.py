@@ -42,7 +42,9 @@ benchmarks/README.md):
   computes each 2×2 block of outputs from a 4×4 tile of input with 16 multiplications instead of
   36 (Lavin & Gray 2016, F(2×2, 3×3)), so its matrix products do 4/9 of im2col's. Its transforms
   are a few additions over whole arrays; the docstring of ``_winograd_3x3`` derives them, and
-  ``_winograd_weight_grad`` runs the same algorithm backwards (its adjoint) for dW.
+  ``_winograd_weight_grad`` runs the same algorithm backwards (its adjoint) for dW. Those
+  transforms are about 30 NumPy calls whatever the size, so a small batch (fewer than
+  ``WINOGRAD_MIN_ROWS`` tiles in all, e.g. under 8 images of 8×8) runs im2col instead.
 * **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
   rather than holding 9× the activations' memory until the backward pass; inference
   (``no_grad``) keeps nothing but references.
@@ -70,6 +72,11 @@ CHUNK_BYTES = 2 << 20  # one chunk's cols, about an L2 cache. 0.5-2 MiB ran alik
 GPU_CHUNK_BYTES = 1 << 30  # on a GPU, caches don't help and every chunk is more kernel launches: one chunk
 
 
+WINOGRAD_MIN_ROWS = 128  # tiles (N·H/2·W/2, the rows of Winograd's 16 products) below which im2col runs:
+#                           on the U-Net's layers Winograd's fixed cost (its transforms' NumPy calls) made a
+#                           3×3 conv 40-90 % slower than im2col at 2-4 images of 8×8 or 2-8 of 4×4, and it
+#                           was 13-30 % faster from 16 images of 8×8 or 32 of 4×4; at 128 tiles it depends
+#                           on the channels (benchmarks/README.md)
 WORKSPACE_BYTES = 64 << 20  # per thread: cols buffers kept for reuse (least recently used dropped first)
 _workspaces = threading.local()  # each thread its own buffers (backend.map_rows runs convs in parallel)
 
@@ -196,10 +203,12 @@ _W_A_SIGNS = (1, 1, 1, -1)  # the sign of row ξ of A (each row of A is ± a sum
 
 
 def _winograd_applies(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int) -> bool:
-    """3×3, stride 1, padding 1 (output size = input size), even height and width, on NumPy
-    (on a GPU the im2col product is one large kernel launch already)."""
-    h, wd = x.shape[2:]
-    return (kh, kw, stride, pad_h, pad_w) == (3, 3, 1, 1, 1) and h % 2 == 0 and wd % 2 == 0 and backend_of(x) == "numpy"
+    """3×3, stride 1, padding 1 (output size = input size), even height and width, at least
+    ``WINOGRAD_MIN_ROWS`` tiles in the batch, on NumPy (on a GPU the im2col product is one large
+    kernel launch already)."""
+    n, _, h, wd = x.shape
+    return ((kh, kw, stride, pad_h, pad_w) == (3, 3, 1, 1, 1) and h % 2 == 0 and wd % 2 == 0
+            and n * (h // 2) * (wd // 2) >= WINOGRAD_MIN_ROWS and backend_of(x) == "numpy")
 
 
 def _scratch(xp, dtype, *shapes):
