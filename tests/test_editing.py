@@ -2,6 +2,9 @@
 against closed forms (Gaussian data, exact denoisers) and with the shipped pipeline, plus the
 one-line errors for every bad input."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 from mixture import GaussianMixture, gaussian, gaussian_ode_solution
@@ -277,6 +280,8 @@ def _bad_inputs(tmp_path, pipe, images):
     Image.fromarray(images[0]).save(tmp_path / "d.png")
     Image.fromarray(np.zeros((28, 40), np.uint8)).save(tmp_path / "wide_mask.png")
     mask = editing.bottom_half_mask(4)
+    lcm_default = copy.copy(pipe)  # the shipped model with lcm as its default sampler: no editor may use it
+    lcm_default.defaults = dataclasses.replace(pipe.defaults, sampler="lcm")
     unreadable = "cannot be read as a NumPy array"
     return [
         ("32×32 array", lambda: editing.img2img(pipe, np.zeros((32, 32), np.uint8), "a 3"), "28×28"),
@@ -294,6 +299,9 @@ def _bad_inputs(tmp_path, pipe, images):
         ("mask size", lambda: editing.inpaint(pipe, tmp_path / "d.png", tmp_path / "wide_mask.png", "a 3"),
          "the mask is 40×28 pixels but the picture is 28×28"),
         ("img2img lcm", lambda: editing.img2img(pipe, images, "a 3", sampler="lcm"), "not lcm"),
+        ("img2img default lcm", lambda: editing.img2img(lcm_default, images, "a 3"), "not lcm"),
+        ("inpaint default lcm", lambda: editing.inpaint(lcm_default, images, mask, "a 3"), "inpaint runs"),
+        ("invert default lcm", lambda: editing.invert(lcm_default, images, "a 3"), "invert runs"),
         ("negative jumps", lambda: editing.inpaint(pipe, images, mask, "a 3", jumps=-1), "jumps"),
         ("latent shape", lambda: pipe("a 3", latents=np.zeros((2, 4, 4, 4))), "latents"),
         ("latent count", lambda: pipe(["a 3"] * 3, latents=np.zeros((2, 4, 8, 8))), "3 prompts for 2 latents"),

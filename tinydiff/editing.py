@@ -234,6 +234,18 @@ def check_noise(latents, shape: tuple[int, ...]) -> np.ndarray:
 
 # =========================================================================== image-to-image
 
+DEFAULT_NOT_LCM = "give the pipeline another default sampler (pipe.defaults)"  # inpaint and invert take no sampler
+
+
+def refuse_lcm(options, editor: str, fix: str = "choose another sampler") -> None:
+    """An editor runs the U-Net's own denoiser D(z, σ) inside its own loop; the LCM student's
+    consistency function f(z, σ) is a different function (it jumps to the trajectory's end), so
+    ``sampler="lcm"``, asked for or the pipeline's default, is an EditInputError, not a silent
+    run of the undistilled denoiser."""
+    if options.sampler == "lcm":
+        raise EditInputError(f"{editor} runs the U-Net's own samplers, not lcm; {fix}")
+
+
 def strength_sigmas(sigmas, strength: float):
     """The tail of an n-step σ grid that img2img walks: its last k = ⌊strength · n⌋ steps.
 
@@ -270,8 +282,7 @@ def img2img(pipe, image, prompt, strength: float = 0.6, *, negative_prompt=None,
     prompts = _prompts(prompt, batch)
     o = pipe.sampling_options(prompts, steps=steps, sampler=sampler, sigma_schedule=sigma_schedule,
                               guidance_scale=guidance_scale, sigma_max=sigma_max)
-    if o.sampler == "lcm":  # its consistency function is not the denoiser the tail is sampled with
-        raise EditInputError("img2img runs the U-Net's own samplers, not lcm; choose another sampler")
+    refuse_lcm(o, "img2img")  # its consistency function is not the denoiser the tail is sampled with
     sigmas = pipe.get_sigmas(o)  # (n + 1,)
     tail = strength_sigmas(sigmas, strength)  # (k + 1,)
     if len(tail) == len(sigmas):  # strength 1: text-to-image
@@ -356,6 +367,7 @@ def inpaint(pipe, image, mask, prompt, *, jumps: int = 0, eta: float = 1.0, nega
     images, masks, prompts = _repeat(images, batch), _repeat(masks, batch), _prompts(prompt, batch)
     o = pipe.sampling_options(prompts, steps=steps, sigma_schedule=sigma_schedule, guidance_scale=guidance_scale,
                               sigma_max=sigma_max)
+    refuse_lcm(o, "inpaint", DEFAULT_NOT_LCM)  # a pipeline whose default sampler is lcm: RePaint needs the U-Net's D
     denoiser = pipe.make_denoiser(prompts, negative_prompt, o.guidance_scale)
     z0 = encode(pipe, images)  # (B, 4, 8, 8)
     cells = to_device(latent_mask(masks, pipe.vae.config.factor), pipe.backend)  # (B, 1, 8, 8)
@@ -416,6 +428,7 @@ def invert(pipe, image, prompt, *, steps=None, sigma_schedule=None, guidance_sca
     prompts = _prompts(prompt, batch)
     o = pipe.sampling_options(prompts, steps=steps, sigma_schedule=sigma_schedule, guidance_scale=guidance_scale,
                               sigma_max=sigma_max)
+    refuse_lcm(o, "invert", DEFAULT_NOT_LCM)  # a pipeline whose default sampler is lcm: inversion reverses the U-Net's DDIM step
     denoiser = pipe.make_denoiser(prompts, negative_prompt, o.guidance_scale)
     sigmas = pipe.get_sigmas(o)  # (steps + 1,)
     with no_grad():
