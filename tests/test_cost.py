@@ -291,6 +291,43 @@ def test_pipeline_cost_predicts_a_counted_run(pipe, sampler, steps, guidance_sca
     assert predicted["denoiser_gflop_per_row"] * 1e9 == pytest.approx(per_row, rel=1e-12)
 
 
+@pytest.mark.parametrize("steps, guidance_scale", [(1, 2.0), (3, 3.5)])
+def test_pipeline_cost_of_lcm_predicts_a_counted_run_of_the_student(pipe, steps, guidance_scale):
+    """sampler="lcm" runs the distilled student, which takes w as an input: one row per image and
+    call at any guidance scale, and the student's own products (its guidance embedding included)."""
+    predicted = cost.pipeline_cost(pipe, "lcm", steps, guidance_scale)
+    with cost.count_flops(pipe.text_encoder, pipe.unet, pipe.lcm_unet, pipe.vae) as count:
+        pipe("a handwritten seven", num_images=1, steps=steps, sampler="lcm", guidance_scale=guidance_scale, seed=0)
+    assert predicted["gflop_per_image"] * 1e9 == pytest.approx(count.total, rel=1e-12)
+    assert predicted["rows_per_call"] == cost.rows_per_call(guidance_scale, "lcm") == 1
+    x, t, context = unet_inputs(pipe.lcm_unet.config)
+    per_row = cost.forward_flops(pipe.lcm_unet, x, t, context, w=np.full(1, guidance_scale, np.float32)).total
+    assert per_row > cost.forward_flops(pipe.unet, x, t, context).total  # the student's guidance projection
+    assert predicted["denoiser_gflop_per_row"] * 1e9 == pytest.approx(per_row, rel=1e-12)
+
+
+def test_lcm_rows_per_call_match_the_student_runs(pipe):
+    """A spy on the student's forward: a 3-image, 2-step LCM run feeds it 3 rows per step (split
+    over the pipeline's threads) and never calls the teacher U-Net."""
+    rows, teacher_rows = [], []
+    student_forward, teacher_forward = pipe.lcm_unet.forward, pipe.unet.forward
+
+    def spy(log, forward):
+        return lambda x, *args, **kwargs: log.append(x.shape[0]) or forward(x, *args, **kwargs)
+
+    pipe.lcm_unet.forward, pipe.unet.forward = spy(rows, student_forward), spy(teacher_rows, teacher_forward)
+    try:
+        pipe("a handwritten seven", num_images=3, steps=2, sampler="lcm", guidance_scale=2.0, seed=0)
+    finally:
+        del pipe.lcm_unet.forward, pipe.unet.forward  # back to the class's forward
+    assert sum(rows) == cost.sampler_calls("lcm", 2) * 3 * cost.rows_per_call(2.0, "lcm") and not teacher_rows
+
+
+def test_pipeline_cost_of_lcm_refuses_a_negative_prompt(pipe):
+    with pytest.raises(ValueError, match="negative prompt"):
+        cost.pipeline_cost(pipe, "lcm", 4, negative_prompt=True)
+
+
 def test_pipeline_cost_reports_the_rate(pipe):
     result = cost.pipeline_cost(pipe, "euler", 5, seconds_per_image=0.5)
     assert result["gflop_per_s"] == pytest.approx(result["gflop_per_image"] / 0.5)

@@ -36,7 +36,8 @@ published parameter counts and, for DiT-XL/2, the Gflops of its paper.
 
 **Per image.** A sampler calls the denoiser ``sampler_calls(name, steps)`` times; with
 classifier-free guidance each call runs on 2 rows (unconditional and conditional, one batch:
-``diffusion.Denoiser``), except at guidance scale 1 where the unconditional row is skipped. Add
+``diffusion.Denoiser``), except at guidance scale 1 where the unconditional row is skipped, and
+for LCM, whose distilled student takes the guidance scale as an input (1 row). Add
 the text encoder once per prompt (twice with a negative prompt) and the VAE decoder once:
 ``pipeline_cost``.
 """
@@ -284,8 +285,14 @@ def sampler_calls(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
-def rows_per_call(guidance_scale: float) -> int:
-    """Rows of the network per image and call: 2 with classifier-free guidance, 1 at scale 1."""
+def rows_per_call(guidance_scale: float, sampler: str | None = None) -> int:
+    """Rows of the network per image and call: 2 with classifier-free guidance, 1 at scale 1.
+
+    ``sampler="lcm"`` runs the consistency-distilled student instead, which takes the guidance
+    scale w as an input (guidance is baked in by distillation, ``train.lcm``): 1 row at any w.
+    """
+    if sampler == "lcm":
+        return 1
     return 1 if guidance_scale == 1 else 2
 
 
@@ -295,7 +302,9 @@ def pipeline_cost(pipe, sampler: str | None = None, steps: int | None = None, gu
 
     The per-call FLOPs are counted on a real one-image, one-step run of the pipeline (so they
     follow whatever denoiser, resolution and context length it has); the number of calls comes
-    from ``sampler_calls``. Options left None take the pipeline's defaults. With
+    from ``sampler_calls``. For ``sampler="lcm"`` that run is an LCM step, so what is counted is
+    the distilled student (``pipe.lcm_unet``, with its guidance embedding) on one row per image;
+    it takes no negative prompt. Options left None take the pipeline's defaults. With
     ``seconds_per_image`` (measured by the caller) the achieved rate is added. Returns
 
         sampler, steps, guidance_scale, denoiser_calls, rows_per_call,
@@ -307,9 +316,16 @@ def pipeline_cost(pipe, sampler: str | None = None, steps: int | None = None, gu
     sampler = d.sampler if sampler is None else sampler
     steps = d.steps if steps is None else steps
     guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
-    calls, rows = sampler_calls(sampler, steps), rows_per_call(guidance_scale)
-    with count_flops(pipe.text_encoder, pipe.unet, pipe.vae, names=("text_encoder", "denoiser", "vae")) as count:
-        pipe(_a_prompt(pipe), num_images=1, steps=1, sampler="euler", guidance_scale=guidance_scale, seed=0)
+    calls, rows = sampler_calls(sampler, steps), rows_per_call(guidance_scale, sampler)
+    lcm = sampler == "lcm"
+    if lcm and pipe.lcm_unet is None:
+        raise ValueError(pipe.missing_student_message())
+    if lcm and negative_prompt:
+        raise ValueError("sampler lcm takes no negative prompt (its guidance is baked into the student)")
+    network = pipe.lcm_unet if lcm else pipe.unet  # the network each denoiser call runs
+    with count_flops(pipe.text_encoder, network, pipe.vae, names=("text_encoder", "denoiser", "vae")) as count:
+        pipe(_a_prompt(pipe), num_images=1, steps=1, sampler="lcm" if lcm else "euler", guidance_scale=guidance_scale,
+             seed=0)
     per_row = count.within("denoiser") / rows  # one call on `rows` rows
     text = count.within("text_encoder")
     decoder = count.within("vae.decoder")
