@@ -252,3 +252,57 @@ def test_evaluation_prompts_come_in_swapped_pairs():
         assert b == a._replace(digits=a.digits[::-1])
     ok = np.array([True, True, True, False])
     assert ev.pair_verdicts(ok, np.arange(4), prompts[:4]).tolist() == [True, False]
+
+
+# --------------------------------------------------------------------------- training on scenes
+
+
+def test_training_captions_say_each_scene_either_way_round():
+    data = scenes.load_scene_data(120, seed=2)
+    pictures = scenes.make_scenes(120, seed=2)  # the same scenes, as uint8 with records
+    assert data.images.dtype == np.float32 and data.images.shape == (120, 1, 32, 32)
+    assert np.array_equal(np.rint((data.images[:, 0] + 1) * 127.5), pictures.images)  # x = p/127.5 − 1
+    generator = np.random.default_rng(0)
+    phrasings = {}
+    for _ in range(8):  # each view of a scene draws its phrasing afresh
+        for i, text in zip(range(120), data.captions_for(np.arange(120), generator)):
+            phrasings.setdefault(i, set()).add(text)
+    for i, record in enumerate(pictures.records):
+        for text in phrasings[i]:
+            spec = scenes.parse_caption(text)
+            if record.kind == "relation":  # whichever way it is said, it names the picture's digits in place
+                assert dict(zip(spec.digits, WHERE[spec.relation])) == dict(zip(record.digits, record.slots)), text
+            else:
+                assert text == pictures.captions[i]
+    relation = [i for i, r in enumerate(pictures.records) if r.kind == "relation"]
+    assert relation and all(len(phrasings[i]) == 2 for i in relation)  # 8 draws: both ways, bar bad luck of 2⁻⁷
+
+
+def test_quick_scene_recipe_trains_a_scene_pipeline(tmp_path, classifier):
+    from dataclasses import replace
+
+    from tinydiff.train.recipes import RecipeError, quick_recipe, train_mnist_captions
+
+    config = replace(quick_recipe(), data="scenes", threads=1)
+    pipe = train_mnist_captions(tmp_path, config=config)
+    assert list(pipe.tokenizer.words) == scenes.scene_vocabulary()
+    assert pipe.text_encoder.config.vocab_size == scenes.scene_tokenizer().vocab_size
+    prompts = ev.evaluation_prompts(2)
+    generate = ev.pipeline_generator(pipe, steps=2)
+    images = generate(prompts)
+    assert images.dtype == np.uint8 and images.shape == (len(prompts), 32, 32)
+    results = ev.evaluate_scenes(ev.pipeline_generator(pipe, steps=2), prompts, classifier=classifier)
+    assert results["prompts"] == len(prompts) and 0 <= results["relation_accuracy"] <= 1
+    assert (tmp_path / "samples.png").is_file()
+    with pytest.raises(RecipeError, match="unknown data"):
+        train_mnist_captions(tmp_path / "other", config=replace(config, data="pictures"))
+    with pytest.raises(RecipeError, match="lacks words of the scenes captions"):
+        train_mnist_captions(tmp_path / "other", config=replace(config, encoders="mnist-captions"))
+
+
+def test_cli_train_names_the_recipes(capsys):
+    from tinydiff.cli import main
+
+    assert main(["train", "mnist-pictures", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "available: mnist-captions, mnist-scenes" in err[0]

@@ -33,7 +33,7 @@ Metrics (``evaluate_scenes``), each a fraction of the prompts of its kind:
   ``small_digit_accuracy`` / ``big_digit_accuracy`` ask only for the digit.
 
 ``evaluate_scenes(generate, prompts)`` takes any function from a list of prompts to uint8
-images (N, 32, 32): a trained pipeline, or ``real_scenes_generator()`` whose "generated"
+images (N, 32, 32): a trained pipeline (``pipeline_generator(pipe)``), or ``real_scenes_generator()`` whose "generated"
 pictures are real scenes of held-out digits, the floor that says how much of any shortfall is
 the instrument's own (``scene_floor``). The floor has two parts: the classifier misreads 1.4%
 of the held-out digits even alone and unscaled, and scenes add the cost of cropping, shrinking
@@ -278,6 +278,24 @@ def real_scenes_generator(*, split: str = "test", seed: int = 0,
 
     def generate(prompts: list[str]) -> np.ndarray:
         return render_captions(prompts, split=split, seed=next(calls), allowed=allowed).images
+
+    return generate
+
+
+def pipeline_generator(pipe, *, seed: int = 0, **options) -> Callable[[list[str]], np.ndarray]:
+    """A trained pipeline as ``evaluate_scenes`` wants it: prompts → uint8 (N, 32, 32).
+
+    The pipeline's own output is the central 28×28 of an MNIST digit; scenes use the whole
+    32×32 canvas, so its final latents are decoded again without the crop. Prompt i of the k-th
+    call uses seed + (prompts before it) + i; ``options`` go to the pipeline (steps, sampler, …).
+    """
+    done = 0
+
+    def generate(prompts: list[str]) -> np.ndarray:
+        nonlocal done
+        _, latents = pipe(list(prompts), seed=seed + done, return_latents=True, **options)  # (N, 4, 8, 8)
+        done += len(prompts)
+        return from_model_range(pipe.vae.decode_from_diffusion(latents), crop=False)  # (N, 32, 32) uint8
 
     return generate
 

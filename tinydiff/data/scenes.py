@@ -71,6 +71,13 @@ scenes for evaluation never contain a digit a model was trained on. ``SceneRecor
 keeps the index of every digit in the bundled data, so this can be checked.
 
 Everything is a function of the seed: the same ``(n, split, seed)`` gives the same bytes.
+
+Training on scenes
+------------------
+``load_scene_data(n)`` gives ``SceneData``: the images in the model's range and a
+``captions_for(indices, generator)`` that phrases each scene afresh every time it is seen, which
+is how the training stages (``train.clip.draw_captions``) ask any data set for captions.
+``tinydiff train mnist-scenes`` trains CLIP, the VAE and the U-Net on them.
 """
 
 from __future__ import annotations
@@ -112,6 +119,7 @@ RELATIONS: dict[str, tuple[str, str]] = {
     "above": ("top", "bottom"),
     "below": ("bottom", "top"),
 }
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNT_WORDS = {2: "two", 3: "three"}  # counts a caption can ask for
 SIZE_WORDS = ("small", "big")
 
@@ -122,6 +130,8 @@ NUMBER_SIZES = (12,)
 SIZE_RANGES = {"small": (10, 11, 12), "big": (28, 29, 30)}
 
 KINDS = ("relation", "count", "number", "size")
+SHOWCASE_PROMPTS = ("a 3 left of a 7", "a 7 left of a 3", "a 3 above a 7", "a 7 above a 3", "two 7s",
+                    "three 1s", "the number 42", "the number 17", "a small 5", "a big 5")  # a sample grid's rows
 SPLITS = ("train", "test")
 
 _CAPTION_PATTERNS = {  # kind -> the caption's grammar (after normalising spaces and case)
@@ -153,6 +163,23 @@ class SceneRecord:
     sources: tuple[int, ...]  # index of each digit in the bundled data (``load_mnist()``)
 
 
+class SceneData(NamedTuple):
+    """Scenes ready for training: model-range images and what their captions are made from.
+
+    Every time a scene is seen it gets a fresh phrasing (``captions_for``): a relation is said
+    either way round ("a 3 left of a 7" or "a 7 right of a 3", the same picture).
+    """
+
+    images: np.ndarray  # float32 (N, 1, 32, 32) in [−1, 1]
+    specs: list[SceneSpec]  # what each scene shows
+
+    def captions_for(self, indices, generator: np.random.Generator) -> list[str]:
+        """Captions for the scenes ``indices``: one draw from ``generator`` per scene."""
+        converse = generator.random(len(indices)) < 0.5  # (B,)
+        return [scene_caption(converse_spec(self.specs[i]) if flip else self.specs[i])
+                for i, flip in zip(np.asarray(indices).tolist(), converse)]
+
+
 class SceneSet(NamedTuple):
     """Scenes with their captions and ground truth, one entry each."""
 
@@ -178,6 +205,14 @@ def scene_caption(spec: SceneSpec) -> str:
     else:
         raise ValueError(f"unknown scene kind {spec.kind!r}; kinds: {', '.join(KINDS)}")
     return " ".join(_fix_articles(text.split()))
+
+
+def converse_spec(spec: SceneSpec) -> SceneSpec:
+    """The same picture said the other way round: "a 7 right of a 3" for "a 3 left of a 7"
+    (other kinds have one phrasing and come back unchanged)."""
+    if spec.kind != "relation":
+        return spec
+    return spec._replace(digits=spec.digits[::-1], relation=CONVERSE[spec.relation])
 
 
 def parse_caption(text: str) -> SceneSpec:
@@ -382,3 +417,11 @@ def _render_all(specs: list[SceneSpec], generator: np.random.Generator, pools: l
         images[i], record = render(spec, generator, pools)
         records.append(record)
     return SceneSet(images, [scene_caption(s) for s in specs], records)
+
+
+def load_scene_data(n: int, *, split: str = "train", seed: int = 0) -> SceneData:
+    """``make_scenes(n, split=split, seed=seed)`` as training data: images in the model's range
+    x = p/127.5 − 1 (N, 1, 32, 32), and the specs their captions are phrased from."""
+    scene_set = make_scenes(n, split=split, seed=seed)
+    images = scene_set.images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # (N, 32, 32)
+    return SceneData(images[:, None], [parse_caption(c) for c in scene_set.captions])  # (N, 1, 32, 32)
