@@ -43,6 +43,7 @@ def cmd_info(args) -> int:
 
 
 DEFAULT_RUN_DIR = "runs/mnist-captions"
+RECIPES = {"mnist-captions": "digits", "mnist-scenes": "scenes"}  # recipe -> RecipeConfig.data; OUT: runs/<recipe>
 # the pipelines shipped in tinydiff/pretrained/ (pipeline.PRETRAINED_MODELS), named here without importing NumPy
 SHIPPED_MODELS = {"mnist-captions": "U-Net", "mnist-captions-dit": "DiT"}
 MODEL_HELP = ("a shipped model, mnist-captions (the U-Net) or mnist-captions-dit (the DiT), or a pipeline folder "
@@ -62,8 +63,8 @@ def cmd_train(args) -> int:
     from .train.recipes import (DENOISERS, RecipeConfig, dit_recipe, model_folder_name, quick_recipe, recipe_stages,
                                 train_mnist_captions)
 
-    if args.recipe != "mnist-captions":
-        raise CLIError(f"unknown recipe {args.recipe!r}; available: mnist-captions")
+    if args.recipe not in RECIPES:
+        raise CLIError(f"unknown recipe {args.recipe!r}; available: {', '.join(RECIPES)}")
     if args.denoiser not in DENOISERS:
         raise CLIError(f"--denoiser must be {' or '.join(DENOISERS)}, got {args.denoiser!r}")
     if args.quick:
@@ -71,6 +72,8 @@ def cmd_train(args) -> int:
         config.denoiser = args.denoiser
     else:
         config = dit_recipe() if args.denoiser == "dit" else RecipeConfig()
+    config.data = RECIPES[args.recipe]
+    args.out = args.out or f"runs/{args.recipe}"
     if args.encoders is not None:
         config.encoders = str(_model_path(args.encoders))
     valid = recipe_stages(config)
@@ -111,7 +114,8 @@ def cmd_train(args) -> int:
     model = Path(args.out) / model_folder_name(config)
     samples = "samples.png" if config.denoiser == "unet" else f"samples-{config.denoiser}.png"
     print(f"pipeline saved to {model}; samples in {Path(args.out) / samples}")
-    print(f'try: tinydiff sample "a bold handwritten 7" --model {model}')
+    example = "a 3 left of a 7" if config.data == "scenes" else "a bold handwritten 7"
+    print(f'try: tinydiff sample "{example}" --model {model}')
     del pipe
     return 0
 
@@ -446,9 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions, the array backend, BLAS and whether CuPy/a GPU is usable")
     info.set_defaults(func=cmd_info)
 
-    train = sub.add_parser("train", help="train a recipe end to end (mnist-captions: CLIP, VAE, latent U-Net or DiT)")
-    train.add_argument("recipe", help="the recipe to train: mnist-captions")
-    train.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"output folder (default: {DEFAULT_RUN_DIR})")
+    train = sub.add_parser("train", help="train a recipe end to end (mnist-captions: CLIP, VAE, latent U-Net or DiT; "
+                                         "mnist-scenes: the same on scenes of several digits)")
+    train.add_argument("recipe", help="the recipe to train: mnist-captions, or mnist-scenes (\"a 3 left of a 7\", "
+                                      "\"two 7s\", \"the number 42\", \"a small 5\")")
+    train.add_argument("--out", help=f"output folder (default: runs/RECIPE, e.g. {DEFAULT_RUN_DIR})")
     train.add_argument("--stages",
                        help="comma-separated stages to run (default: clip,vae,unet; clip,vae,dit with --denoiser dit; "
                             "only the denoiser with --encoders); lcm distils the trained U-Net into a 1-4 step "

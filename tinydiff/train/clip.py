@@ -64,6 +64,15 @@ def load_captioned_mnist(path=None, *, seed: int = 0) -> tuple[CaptionedDigits, 
     )
 
 
+def draw_captions(data, indices, generator: np.random.Generator) -> list[str]:
+    """Fresh captions for the images ``indices`` of ``data``: the data's own ``captions_for``
+    when it phrases its captions itself (scenes, ``tinydiff.data.scenes.SceneData``), else
+    ``sample_captions`` of its labels and attributes (``CaptionedDigits``)."""
+    if hasattr(data, "captions_for"):
+        return data.captions_for(indices, generator)
+    return sample_captions(data.labels[indices], data.attributes[indices], generator)
+
+
 def default_loop(total_steps: int = 1200) -> LoopConfig:
     """The loop settings used for the bundled digits (see the module docstring for λ = 0).
 
@@ -80,6 +89,7 @@ def train_clip(
     *,
     batch_size: int = 128,
     data: CaptionedDigits | None = None,
+    tokenizer: Tokenizer | None = None,
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     callback: Callable[[dict], None] | None = None,
@@ -90,9 +100,10 @@ def train_clip(
     are in ``result["ema"]`` and in the checkpoint (``load_clip`` uses them by default).
 
     ``callback`` receives train_loop's per-step dict plus ``scale`` (s = e^{log s}). A resumed run
-    must use the same ``batch_size`` and data to continue exactly.
+    must use the same ``batch_size`` and data to continue exactly. ``tokenizer`` defaults to the
+    caption tokenizer; other data (scenes) bring their own, and ``config.text`` must match it.
     """
-    tokenizer = Tokenizer.from_captions()
+    tokenizer = tokenizer or Tokenizer.from_captions()
     config = config or CLIPConfig()
     if (config.text.vocab_size, config.text.max_length) != (tokenizer.vocab_size, tokenizer.max_length):
         raise ValueError(
@@ -102,11 +113,11 @@ def train_clip(
     loop = loop or default_loop()
     data = data if data is not None else load_captioned_mnist()[0]
     model = CLIP(config, seed=loop.seed)  # the initial weights, too, are fixed by the seed
-    batch_at = step_batches(len(data.labels), batch_size, loop.seed + 1)
+    batch_at = step_batches(len(data.images), batch_size, loop.seed + 1)
 
     def compute_grads(step: int, generator: np.random.Generator) -> tuple[float, dict]:
         idx = batch_at(step)  # (B,)
-        captions = sample_captions(data.labels[idx], data.attributes[idx], generator)
+        captions = draw_captions(data, idx, generator)
         tokens = tokenizer.encode(captions)
         images = to_device(data.images[idx], backend_of(model.log_scale.data))  # (B, 1, 32, 32)
         loss = model(images, tokens.ids, tokens.mask)

@@ -20,8 +20,8 @@ from ..models.clip import TextEncoder
 from ..models.dit import DiT, DiTConfig
 from ..models.unet import UNet, UNetConfig
 from ..nn import no_grad
-from ..text.captions import sample_captions
 from ..text.tokenizer import Tokenizer
+from .clip import draw_captions
 from .diffusion import DiffusionTrainingConfig, diffusion_grads
 from .loop import LoopConfig, train_loop
 
@@ -71,14 +71,15 @@ def latent_dit_config(context_dim: int = 64, context_length: int = 16) -> DiTCon
 
 
 class CaptionConditioning:
-    """Fresh captions for the batch's digits → the frozen text encoder's hidden states."""
+    """Fresh captions for the batch's images (``clip.draw_captions``) → the frozen text encoder's
+    hidden states. ``data``: CaptionedDigits, or scenes (``tinydiff.data.scenes.SceneData``)."""
 
-    def __init__(self, text_encoder: TextEncoder, tokenizer: Tokenizer, labels, attributes):
+    def __init__(self, text_encoder: TextEncoder, tokenizer: Tokenizer, data):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.labels, self.attributes = labels, attributes
+        self.data = data
 
     def encode(self, indices, generator):
-        captions = sample_captions(self.labels[indices], self.attributes[indices], generator)
+        captions = draw_captions(self.data, indices, generator)
         tokens = self.tokenizer.encode(captions)
         with no_grad():
             hidden, _ = self.text_encoder(tokens.ids, tokens.mask)  # (B, L, D)
@@ -95,7 +96,7 @@ def train_latent_unet(unet: UNet | DiT, vae: AutoencoderKL, text_encoder: TextEn
     ``threads`` CPU cores share each batch (``diffusion_grads``: this process and worker processes)."""
     diffusion = diffusion or DiffusionTrainingConfig()
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
-    conditioning = CaptionConditioning(text_encoder, tokenizer, train_data.labels, train_data.attributes)
+    conditioning = CaptionConditioning(text_encoder, tokenizer, train_data)
     grads = diffusion_grads(unet, latents, diffusion, conditioning, threads=threads)
     try:
         return train_loop(unet, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind=CHECKPOINT_KIND,

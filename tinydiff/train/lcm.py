@@ -255,5 +255,5 @@ def train_lcm(teacher: UNet, vae, text_encoder, tokenizer, train_data, loop: Loo
     from .latent_unet import CaptionConditioning
 
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8): the frozen VAE, once
-    conditioning = CaptionConditioning(text_encoder, tokenizer, train_data.labels, train_data.attributes)
+    conditioning = CaptionConditioning(text_encoder, tokenizer, train_data)
     return distill(teacher, latents, conditioning, loop, config, diffusion, **options)

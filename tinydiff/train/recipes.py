@@ -26,6 +26,13 @@ A run may train only some stages (``stages=("clip", "vae")``): the U-Net stage n
 checkpoints of the two before it, and the pipeline is assembled only once all three
 checkpoints exist; until then ``train_mnist_captions`` returns None.
 
+**Scenes** (``RecipeConfig.data = "scenes"``, ``tinydiff train mnist-scenes``): the same stages
+on ``scene_count`` scenes of several training digits (``tinydiff.data.scenes``: "a 3 left of a
+7", "two 7s", "the number 42", "a small 5"), with the scenes' tokenizer, so that the failures
+of compositional prompts can be measured (``tinydiff.evaluate_scenes``). Scenes use the whole
+32×32 canvas: read a scene pipeline's pictures with ``evaluate_scenes.pipeline_generator``,
+which decodes them uncropped.
+
 Folder layout::
 
     OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
@@ -34,7 +41,7 @@ Folder layout::
     OUT/<stage>/loss.png                                            loss curves
     OUT/model/                                                      the pipeline (from_pretrained)
     OUT/model-dit/   OUT/samples-dit.png                            the same with denoiser="dit"
-    OUT/samples.png                                                 "a handwritten 0" … "9"
+    OUT/samples.png                                                 "a handwritten 0" … "9" (scenes: SHOWCASE_PROMPTS)
     OUT/samples_lcm.png                                             the same by the student, 4 steps
     OUT/recipe.json                                                 settings, wall time and peak memory per stage
 """
@@ -52,9 +59,13 @@ import numpy as np
 from ..backend import blas_threads, cpu_count
 from ..config import ConfigMixin
 from ..io import load_checkpoint, load_json, save_json
+from ..data.scenes import SHOWCASE_PROMPTS, load_scene_data, scene_tokenizer
+from ..evaluate_scenes import pipeline_generator
+from ..models.clip import CLIPConfig, TextEncoderConfig
 from ..models.dit import DiT
 from ..models.unet import UNet
 from ..pipeline import TextToImagePipeline
+from ..text.tokenizer import Tokenizer
 from .autoencoder import default_loop as vae_default_loop
 from .autoencoder import load_autoencoder, train_autoencoder
 from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
@@ -67,6 +78,7 @@ from .loop import LoopConfig, checkpoint_weights
 BASE_STAGES = ("clip", "vae", "unet")  # what a pipeline needs; the default
 STAGES = BASE_STAGES + ("lcm",)  # lcm: the optional consistency-distilled student
 DENOISERS = ("unet", "dit")  # RecipeConfig.denoiser; the denoiser stage is named after it
+DATASETS = ("digits", "scenes")  # RecipeConfig.data: mnist-captions trains on digits, mnist-scenes on scenes
 
 
 @dataclass
@@ -88,6 +100,8 @@ class RecipeConfig(ConfigMixin):
     lcm_batch_size: int = 32  # latents per distillation step
     lcm_lr: float = 2e-4  # peak learning rate of the student (it starts from the trained U-Net)
     lcm_loss: str = "huber"  # the distance of the consistency loss: huber (pseudo-Huber) or l2
+    data: str = "digits"  # DATASETS: single captioned digits, or scenes of several (tinydiff.data.scenes)
+    scene_count: int = 30000  # data="scenes": training scenes drawn (train_subset, if set, instead)
 
 
 def quick_recipe() -> RecipeConfig:
@@ -123,6 +137,16 @@ def _subset(data: CaptionedDigits, n: int | None) -> CaptionedDigits:
     return data if n is None else CaptionedDigits(*(a[:n] for a in data))
 
 
+def _training_data(config: RecipeConfig):
+    """(training data, the tokenizer CLIP learns): the bundled training digits with the caption
+    grammar's tokenizer, or ``data="scenes"``: scenes of training digits with the scenes' own."""
+    if config.data == "scenes":
+        scenes = load_scene_data(config.train_subset or config.scene_count, split="train", seed=config.seed)
+        return scenes, scene_tokenizer()
+    train, _ = load_captioned_mnist(seed=0)
+    return _subset(train, config.train_subset), Tokenizer.from_captions()
+
+
 def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: RecipeConfig | None = None,
                          callback: Callable[[dict], None] | None = None):
     """Run the recipe's ``stages``; returns the trained ``TextToImagePipeline`` (also saved in
@@ -137,6 +161,8 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
     out = Path(out_dir)
     if config.denoiser not in DENOISERS:
         raise RecipeError(f"unknown denoiser {config.denoiser!r}; valid: {', '.join(DENOISERS)}")
+    if config.data not in DATASETS:
+        raise RecipeError(f"unknown data {config.data!r}; valid: {', '.join(DATASETS)}")
     den = config.denoiser  # the denoiser stage's name: "unet" or "dit"
     valid = recipe_stages(config)
     stages = [s for s in valid if s != "lcm"] if stages is None else stages
@@ -159,8 +185,7 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
     record["config"] = config.to_dict()
     record.setdefault("seconds", {})
     emit = callback or (lambda event: None)
-    train, _ = load_captioned_mnist(seed=0)
-    train = _subset(train, config.train_subset)
+    train, clip_tokenizer = _training_data(config)
 
     def run_stage(name, total_steps, fn):
         emit({"stage": name, "event": "start", "total_steps": total_steps})
@@ -178,9 +203,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
     # -- stage 1: CLIP --------------------------------------------------------------------------
     if "clip" in stages:
         def fit_clip(cb):
+            text = TextEncoderConfig(vocab_size=clip_tokenizer.vocab_size, max_length=clip_tokenizer.max_length)
             _, _, result = train_clip(
-                loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed), batch_size=config.clip_batch_size,
-                data=train, checkpoint_path=paths["clip"], resume=resume, callback=cb)
+                CLIPConfig(text=text), loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed),
+                batch_size=config.clip_batch_size, data=train, tokenizer=clip_tokenizer,
+                checkpoint_path=paths["clip"], resume=resume, callback=cb)
             return result
 
         run_stage("clip", config.clip_steps, fit_clip)
@@ -210,6 +237,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         source = TextToImagePipeline.from_pretrained(config.encoders)
         tokenizer, text_encoder, vae, image_encoder = source.tokenizer, source.text_encoder, source.vae, \
             source.image_encoder
+        unknown = sorted(set(clip_tokenizer.words) - set(tokenizer.words))
+        if unknown:
+            raise RecipeError(f"--encoders {config.encoders}: its tokenizer lacks words of the {config.data} captions "
+                              f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); train the clip and "
+                              "vae stages instead")
     else:
         clip, tokenizer = _require(load_clip, paths["clip"], "clip")
         text_encoder, image_encoder = clip.text, clip.image
@@ -259,9 +291,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
     record["pipeline"] = str(model_dir)
     save_json(record_path, record)
     per_digit = 2 if config.train_subset else 8
-    _sample_grid(pipe, out / ("samples.png" if den == "unet" else f"samples-{den}.png"), per_digit=per_digit)
+    scenes = config.data == "scenes"
+    _sample_grid(pipe, out / ("samples.png" if den == "unet" else f"samples-{den}.png"), per_digit=per_digit,
+                 scenes=scenes)
     if student is not None:
-        _sample_grid(pipe, out / "samples_lcm.png", per_digit=per_digit, sampler="lcm", steps=4)
+        _sample_grid(pipe, out / "samples_lcm.png", per_digit=per_digit, scenes=scenes, sampler="lcm", steps=4)
     return pipe
 
 
@@ -307,7 +341,7 @@ def _plot_loss(history, path: Path, stage: str) -> None:
     plt.close(fig)
 
 
-def _sample_grid(pipe, path: Path, per_digit: int, **options) -> None:
+def _sample_grid(pipe, path: Path, per_digit: int, *, scenes: bool = False, **options) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,8 +350,12 @@ def _sample_grid(pipe, path: Path, per_digit: int, **options) -> None:
     from ..text.captions import zero_shot_prompts
     from ..viz import image_grid, save_figure
 
-    prompts = [p for p in zero_shot_prompts() for _ in range(per_digit)]
-    images = pipe(prompts, seed=0, **options)
+    if scenes:  # the whole 32×32 canvas: decoded uncropped
+        prompts = [p for p in SHOWCASE_PROMPTS for _ in range(per_digit)]
+        images = pipeline_generator(pipe, **options)(prompts)
+    else:
+        prompts = [p for p in zero_shot_prompts() for _ in range(per_digit)]
+        images = pipe(prompts, seed=0, **options)
     fig = image_grid(images, ncols=per_digit * 2)
     save_figure(fig, path)
     plt.close(fig)
