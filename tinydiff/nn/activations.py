@@ -125,8 +125,14 @@ def gelu_backward(dout, cache: GELUCache):
     x, approximate, phi = cache
     xp = get_xp(x)
     if approximate == "none":
-        pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-        return dout * (phi + x * pdf)
+        dx = x * x
+        dx *= -0.5
+        xp.exp(dx, out=dx)
+        dx *= 1.0 / math.sqrt(2.0 * math.pi)  # φ(x)
+        dx *= x
+        dx += phi
+        dx *= dout  # dout · (Φ(x) + x φ(x)), in one new array
+        return dx
     t = phi
     du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
