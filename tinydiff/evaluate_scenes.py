@@ -146,7 +146,8 @@ def judge(classifier, images: np.ndarray, prompts: Sequence[str]) -> dict[str, n
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.shape != (len(prompts), CANVAS, CANVAS):
-        raise ValueError(f"expected uint8 images ({len(prompts)}, {CANVAS}, {CANVAS}), got {images.dtype} {images.shape}")
+        raise ValueError(f"expected uint8 images ({len(prompts)}, {CANVAS}, {CANVAS}), "
+                         f"got {images.dtype} {images.shape}")
     specs = [parse_caption(p) for p in prompts]
     kinds = np.array([s.kind for s in specs])
     out: dict[str, np.ndarray] = {}

@@ -8,8 +8,8 @@ read back (``tinydiff.evaluate_scenes``):
 =========  ==========================  ==================================================
 kind       captions                    what it probes
 =========  ==========================  ==================================================
-relation   "a 3 left of a 7",          spatial relations: one pooled text vector holds
-           "a 7 right of a 3",         "3", "7" and "left" but not who is left of whom
+relation   "a 3 left of a 7",          spatial relations: one pooled text vector can hold
+           "a 7 right of a 3",         "3", "7" and "left" without who is left of whom
            "a 3 above a 7",
            "a 7 below a 3"
 count      "two 7s", "three 1s"        counting small objects
@@ -359,7 +359,8 @@ def random_spec(generator: np.random.Generator) -> SceneSpec:
     return SceneSpec(kind, (int(generator.integers(10)),), size=SIZE_WORDS[generator.integers(2)])
 
 
-def _layout(spec: SceneSpec, generator: np.random.Generator) -> tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]:
+def _layout(spec: SceneSpec, generator: np.random.Generator) -> tuple[tuple[int, ...], tuple[str, ...],
+                                                                      tuple[int, ...]]:
     """(digit per slot, slots, the sizes each digit draws from)."""
     if spec.kind == "relation":
         return spec.digits, RELATIONS[spec.relation], RELATION_SIZES
