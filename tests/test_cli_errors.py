@@ -298,3 +298,10 @@ def test_eval_prints_every_row_of_the_model_card(capsys):
     assert [stem(label) for label in printed] == [stem(label) for label in model_card_labels()]
     assert "| VAE reconstruction PSNR (held-out) | 26.5 dB |" in out  # the shipped VAE, on every held-out digit
     assert "| evaluation classifier accuracy (held-out) | 98.6% |" in out
+    # the cost of the run: dpmpp_2m, 1 step, guidance 2 = one U-Net call on 2 rows, plus text encoder and decoder
+    cost = re.search(r"cost: ([0-9.]+) GFLOP per image \(counted\), (\d+) ms per image", out)
+    assert cost, out
+    from tinydiff.cost import pipeline_cost
+    from tinydiff.pipeline import TextToImagePipeline
+    expected = pipeline_cost(TextToImagePipeline.from_pretrained(), steps=1)["gflop_per_image"]
+    assert float(cost.group(1)) == pytest.approx(expected, abs=0.005) and int(cost.group(2)) > 0

@@ -381,7 +381,7 @@ def cmd_words(args) -> int:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from .evaluate import evaluate_pipeline, format_results
+    from .evaluate import evaluate_pipeline, format_cost, format_results
 
     if args.n_per_digit < 2:
         raise CLIError(f"--n-per-digit must be at least 2, got {args.n_per_digit}")
@@ -407,6 +407,7 @@ def cmd_eval(args) -> int:
     print(f"\n{sampler} / {schedule}, {steps} steps, guidance "
           f"{guidance}, sigma_max {pipe.defaults.sigma_max}; {results['fd_images']} images for FD")
     print("\n".join(format_results(results)))
+    print(format_cost(results))
     return 0
 
 

@@ -24,10 +24,12 @@ otherwise, and fixed seeds, so the table is reproducible.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
 
+from .cost import pipeline_cost
 from .metrics import evaluate_autoencoder, evaluate_clip, ink_mass, mnist_fd, prompt_accuracy, real_vs_real_fd
 from .text.captions import BOLD, DIGIT_WORDS, THIN
 from .train.classifier import load_classifier
@@ -56,7 +58,9 @@ def evaluate_pipeline(pipe, *, n_per_digit: int = 100, n_attribute: int = 20, ba
 
     labels = np.repeat(np.arange(10), n_per_digit)
     prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in labels]
+    start = time.perf_counter()
     generated = _generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, **options)
+    seconds_per_image = (time.perf_counter() - start) / len(prompts)
     n = len(generated)
     held_out = test.images[np.random.default_rng(seed).choice(len(test.images), size=min(n, len(test.images)),
                                                               replace=False)]
@@ -82,6 +86,10 @@ def evaluate_pipeline(pipe, *, n_per_digit: int = 100, n_attribute: int = 20, ba
         results["clip_zero_shot_accuracy"] = evaluate_clip(_clip_from(pipe), pipe.tokenizer, test)["zero_shot_accuracy"]
     results["vae_psnr"] = evaluate_autoencoder(pipe.vae, test.images)["psnr"]  # test.images: (N, 1, 32, 32)
     results["classifier_accuracy"] = float(np.mean(classifier.predict(test.images) == test.labels))
+    # the cost of the run: FLOPs counted per image (tinydiff.cost), seconds measured on the digit prompts above
+    cost = pipeline_cost(pipe, options.get("sampler"), options.get("steps"), options.get("guidance_scale"),
+                         seconds_per_image=seconds_per_image)
+    results.update({k: cost[k] for k in ("gflop_per_image", "seconds_per_image", "gflop_per_s")})
     return results
 
 
@@ -113,3 +121,9 @@ def format_results(r: dict) -> list[str]:
         ("evaluation classifier accuracy (held-out)", f"{r['classifier_accuracy']:.1%}"),
     ]
     return ["| metric | value |", "| --- | --- |"] + [f"| {label} | {value} |" for label, value in rows]
+
+
+def format_cost(r: dict) -> str:
+    """The cost line of ``evaluate_pipeline``'s results: FLOPs counted (tinydiff.cost), time measured."""
+    return (f"cost: {r['gflop_per_image']:.2f} GFLOP per image (counted), {r['seconds_per_image'] * 1e3:.0f} ms "
+            f"per image (measured on the digit prompts), {r['gflop_per_s']:.1f} GFLOP/s")
