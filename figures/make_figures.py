@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
 CHAPTERS = ROOT / "chapters"
 CELL_TIMEOUT_S = 600  # per cell; the chapters' default mode takes a few minutes in all
+REGENERATE_CELL_TIMEOUT_S = 3600  # per cell when regenerating: the full default mode on a machine that may be busy
 
 
 def kernel_env(**overrides: str) -> dict[str, str]:
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> int:
         print(f"executing {notebook.relative_to(ROOT)} ...", flush=True)
         start = time.perf_counter()
         try:
-            executed = execute_notebook(notebook, env)
+            executed = execute_notebook(notebook, env, timeout=REGENERATE_CELL_TIMEOUT_S)
         except Exception as error:  # report and go on with the other notebooks
             print(f"  FAILED: {error}", flush=True)
             failed.append(notebook)
