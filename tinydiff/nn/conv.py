@@ -140,6 +140,6 @@ def upsample_nearest2x_forward(x):
 def upsample_nearest2x_backward(dout, x_shape):
     """Each input pixel fed four outputs, so its gradient is the sum of that 2×2 block: the two
     columns of each block, then its two rows, added as strided slices (NumPy's sum over the two
-    size-2 axes of a (N, C, H, 2, W, 2) view is 10× slower, a reduction per pair)."""
+    size-2 axes of a (N, C, H, 2, W, 2) view is 10–18× slower, a reduction per pair)."""
     cols = dout[:, :, :, 0::2] + dout[:, :, :, 1::2]  # (N, C, 2H, 2W) → (N, C, 2H, W)
     return cols[:, :, 0::2] + cols[:, :, 1::2]  # (N, C, 2H, W) → (N, C, H, W)

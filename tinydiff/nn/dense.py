@@ -20,8 +20,8 @@ def linear_forward(x, w, b=None):
     """out = x Wᵀ + b.
 
     Shapes: x (..., in), w (out, in) (PyTorch's layout), b (out,) or None → out (..., out).
-    Every leading axis is a row of one matrix product: NumPy's ``@`` on a stack of matrices
-    (B, L, in) would call BLAS once per b, B small products instead of one large one.
+    Every leading axis is a row of one matrix product: NumPy's ``@`` on a stack (B, L, in) would
+    call BLAS once per item, B small products instead of one large one.
     """
     x2 = x.reshape(-1, x.shape[-1])  # (..., in) → (rows, in)
     out = x2 @ w.T  # (rows, out)
