@@ -16,6 +16,7 @@ Cases (float32, batch 64 unless said):
     lcm4          the same 64 images in 4 LCM steps (``sampler="lcm"``): the consistency-distilled
                   student takes the guidance scale as an input, so one 64-row call per step, 10×
                   fewer U-Net rows than sample64 (target: ≤ 0.25 s on 2 idle cores)
+    lcm1, lcm2, lcm8   the same in 1, 2 and 8 LCM steps (not in the default list of cases)
 
 ``--rounds N`` runs the whole list of cases N times, alternating, and keeps each case's best: on a
 shared, loaded machine the ratio of two cases measured side by side (printed for lcm4 against
@@ -52,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CASES = ("pixel-train", "latent-train", "pixel-eval", "latent-eval", "sample64", "lcm4")
-SAMPLE_CASES = {"sample64": (None, 20), "lcm4": ("lcm", 4)}  # case → (sampler, None: the model's default; steps)
+SAMPLE_CASES = {"sample64": (None, 20), "lcm1": ("lcm", 1), "lcm2": ("lcm", 2), "lcm4": ("lcm", 4),
+                "lcm8": ("lcm", 8)}  # case → (sampler, None: the model's default; steps)
 
 
 @contextlib.contextmanager
@@ -196,7 +198,7 @@ def run_case(case: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=sorted(set(CASES) | set(SAMPLE_CASES)))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="run the list of cases this many times, alternating; keep each one's best")
@@ -246,9 +248,9 @@ def main() -> None:
               f"{p['seconds'] / lat['seconds']:.1f}× the time; the VAE decoder adds "
               f"{lat['decoder_flops_per_sample'] / 1e6:.1f} MFLOP/sample once per image "
               f"({lat['decoder_seconds'] * 1e3:.0f} ms per batch)")
-    if "sample64" in results and "lcm4" in results:
-        s, lcm = results["sample64"]["seconds"], results["lcm4"]["seconds"]
-        print(f"lcm4 vs sample64 (best of {args.rounds} alternating round(s)): {lcm:.3f} s vs {s:.3f} s, "
+    for case in [c for c in SAMPLE_CASES if c != "sample64" and c in results and "sample64" in results]:
+        s, lcm = results["sample64"]["seconds"], results[case]["seconds"]
+        print(f"{case} vs sample64 (best of {args.rounds} alternating round(s)): {lcm:.3f} s vs {s:.3f} s, "
               f"{s / lcm:.1f}× faster; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
