@@ -30,10 +30,12 @@ def _normalize(x, eps):
     """Normalise each row of x (..., m) over its m numbers. Returns x̂ (..., m) and 1/√(σ² + ε) (..., 1).
 
     Two passes over x and one new array: σ² is a row-wise dot product of the centred values
-    with themselves (einsum, no squared copy), and x̂ overwrites the centred copy."""
+    with themselves (einsum, no squared copy), and x̂ overwrites the centred copy. Means are
+    sums divided by m (the same numbers as ``mean``, without its Python-level wrapper)."""
     xp = get_xp(x)
-    centred = x - x.mean(axis=-1, keepdims=True)
-    var = xp.einsum("...k,...k->...", centred, centred)[..., None] / x.shape[-1]  # (..., 1)
+    m = x.shape[-1]
+    centred = x - x.sum(axis=-1, keepdims=True) / m
+    var = xp.einsum("...k,...k->...", centred, centred)[..., None] / m  # (..., 1)
     inv_std = 1.0 / xp.sqrt(var + eps)
     centred *= inv_std  # now x̂
     return centred, inv_std
@@ -122,8 +124,9 @@ def layer_norm_backward(dout, cache: NormCache):
     dbeta = dout.sum(axis=lead)
     dy = dout.reshape(x_hat.shape)  # (..., *normalized_shape) → (..., m)
     gamma = gamma.reshape(-1)  # normalized_shape → (m,)
+    m = x_hat.shape[-1]
     g = dy * gamma  # (..., m)
-    mean_g = g.mean(axis=-1, keepdims=True)  # (..., 1)
-    mean_gx = (g * x_hat).mean(axis=-1, keepdims=True)
+    mean_g = g.sum(axis=-1, keepdims=True) / m  # (..., 1)
+    mean_gx = (g * x_hat).sum(axis=-1, keepdims=True) / m
     dx = _normalized_input_grad(dy, gamma, x_hat, inv_std, mean_g, mean_gx)
     return dx.reshape(shape), dgamma, dbeta
