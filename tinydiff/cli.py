@@ -87,6 +87,10 @@ def cmd_train(args) -> int:
     _check_seed(args.seed)
     _use_backend(args.backend)
     config.seed = args.seed
+    if args.steps is not None:
+        if args.steps < 1:
+            raise CLIError(f"--steps must be at least 1, got {args.steps}")
+        config.unet_steps = args.steps
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
@@ -463,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--denoiser", default="unet",
                        help="unet (default; pipeline in OUT/model) or dit, the diffusion transformer (OUT/model-dit; "
                             "the shipped mnist-captions-dit's settings)")
+    train.add_argument("--steps", type=int,
+                       help="steps of the denoiser stage (default: the recipe's, 6000 for the U-Net, 8000 for the DiT); "
+                            "with --resume a finished stage continues to this many, on the learning-rate schedule of "
+                            "the new total")
     train.add_argument("--encoders", metavar="MODEL",
                        help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
                             "folder) instead of training the clip and vae stages")

@@ -111,10 +111,15 @@ def quick_recipe() -> RecipeConfig:
 
 
 def dit_recipe() -> RecipeConfig:
-    """The shipped DiT's settings (``mnist-captions-dit``): ``latent_dit_config``, 5,000 steps of 64
+    """The shipped DiT's settings (``mnist-captions-dit``): ``latent_dit_config``, 8,000 steps of 64
     latents at peak learning rate 10⁻³, min-SNR loss weighting (Hang et al. 2023 report it speeds up
-    the convergence of transformer denoisers most), everything else as the U-Net's recipe."""
-    return RecipeConfig(denoiser="dit", unet_steps=5000, loss_weighting="min_snr")
+    the convergence of transformer denoisers most), everything else as the U-Net's recipe.
+
+    The shipped weights were trained in two runs: 5,000 steps (``--steps 5000``), which reached
+    93% prompt accuracy and 4.7× the MNIST-FD floor, then resumed to 8,000 (``--resume``: the
+    cosine learning-rate schedule of 8,000 steps taken up at step 5,000). A single run of 8,000
+    steps has one cosine instead and was not measured."""
+    return RecipeConfig(denoiser="dit", unet_steps=8000, loss_weighting="min_snr")
 
 
 def recipe_stages(config: RecipeConfig) -> tuple[str, ...]:
