@@ -70,3 +70,22 @@ def test_guidance_zero_with_a_negative_prompt_samples_the_negative_prompt(pipe):
     _, prompt = pipe(PROMPT, num_images=IMAGES, steps=STEPS, guidance_scale=1.0, seed=3, return_latents=True)
     np.testing.assert_allclose(zero, negative, rtol=1e-4, atol=1e-4)  # float32, batch of 2B vs B
     assert np.abs(negative - prompt).max() > 1e-2  # the prompts lead to different latents
+
+
+def test_each_distinct_prompt_is_encoded_once_and_its_states_repeated(pipe, monkeypatch):
+    prompts = [PROMPT, NEGATIVE, PROMPT, PROMPT, NEGATIVE]
+    alone = {p: pipe.encode_prompt([p]) for p in (PROMPT, NEGATIVE)}  # (1, L, D) each
+    rows = []
+    forward = pipe.text_encoder.forward
+
+    def spy(ids, mask, *args, **kwargs):
+        rows.append(len(ids))
+        return forward(ids, mask, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.text_encoder, "forward", spy)
+    hidden = pipe.encode_prompt(prompts)  # (5, L, D)
+    assert rows == [2]  # one encoder call on the two distinct prompts
+    assert hidden.shape[0] == len(prompts)
+    for i, prompt in enumerate(prompts):
+        np.testing.assert_allclose(hidden[i], alone[prompt][0], rtol=0, atol=1e-5)  # float32 rounding of a batch
+        np.testing.assert_array_equal(hidden[i], hidden[prompts.index(prompt)])  # repeats are the same rows

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from . import editing
-from .backend import backend_of, map_rows, to_device, to_numpy
+from .backend import backend_of, get_xp, map_rows, to_device, to_numpy
 from .config import ConfigError, ConfigMixin
 from .data.mnist import from_model_range
 from .diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
@@ -185,10 +185,16 @@ class TextToImagePipeline:
         With ``strict``, an empty prompt, one too long to fit (truncation would drop its end) or
         one with words outside the vocabulary raises PromptError naming them (the model has never
         seen those words: they would silently become <unk>).
+
+        Each distinct prompt is encoded once (``tinydiff sample`` asks for one prompt N times),
+        then its states are repeated (the same prompt gives the same states whatever the batch, up to
+        float rounding of the matrix products when other distinct prompts share the call).
         """
-        if strict and (too_long := self.tokenizer.length_problem(prompts)):
+        distinct = list(dict.fromkeys(prompts))  # in order of first appearance
+        row = {prompt: i for i, prompt in enumerate(distinct)}
+        if strict and (too_long := self.tokenizer.length_problem(distinct)):
             raise PromptError(too_long)
-        tokens = self.tokenizer.encode(prompts)
+        tokens = self.tokenizer.encode(distinct)
         if strict:
             unknown = sorted({w for words in tokens.unknown_words for w in words})
             if unknown:
@@ -199,8 +205,8 @@ class TextToImagePipeline:
             if any(int(m.sum()) <= 2 for m in tokens.mask):  # only <bos><eos>
                 raise PromptError("the prompt is empty; describe a digit, e.g. \"a bold handwritten 7\"")
         with no_grad():
-            hidden, _ = self.text_encoder(tokens.ids, tokens.mask)
-        return hidden
+            hidden, _ = self.text_encoder(tokens.ids, tokens.mask)  # (distinct prompts, L, D)
+        return hidden[get_xp(hidden).asarray([row[p] for p in prompts])]  # (B, L, D)
 
     # -- the pieces the loop shares with the editors (tinydiff.editing) -----------------------------
     def sampling_options(self, prompts: list[str], *, steps: int | None = None, sampler: str | None = None,
