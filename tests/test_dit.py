@@ -419,3 +419,29 @@ def test_clear_errors():
         cond(x, np.zeros(3), context)
     with pytest.raises(ValueError, match="context_length must equal"):
         cond.replace_with_null_context(np.zeros((2, 4, 5), np.float32), None, np.array([True, False]))
+
+
+@pytest.mark.parametrize("model", ["UNet", "DiT"])
+def test_both_denoisers_check_their_prompt_input_alike(model):
+    """The U-Net and the DiT share one context check; each message names its model."""
+    from tinydiff.models.unet import UNet, UNetConfig
+
+    def build(context_dim):
+        if model == "UNet":
+            return UNet(UNetConfig(in_channels=2, out_channels=2, sample_size=4, block_channels=(8, 16),
+                                   attention_levels=(False, True), context_dim=context_dim, heads=2, dim_head=4,
+                                   groups=4, time_embed_dim=16))
+        return DiT(tiny_config(context_dim=context_dim, learned_null_context=context_dim is not None))
+
+    x, t = np.zeros((2, 2, 4, 4)), np.array([10, 20])
+    with pytest.raises(ValueError, match=f"this {model} is unconditional .*{model}Config"):
+        build(None)(x, t, np.zeros((2, 3, 8)))
+    net = build(8)
+    with pytest.raises(ValueError, match=rf"{model} expects context of shape \(B=2, L, context_dim=8\)"):
+        net(x, t, np.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="context_mask given without a context"):
+        net(x, t, None, np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match=r"context_mask must be a bool array of shape \(2, 3\)"):
+        net(x, t, np.zeros((2, 3, 8)), np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"context_mask must be a bool array of shape \(2, 3\), got float64"):
+        net(x, t, np.zeros((2, 3, 8)), np.ones((2, 3)))

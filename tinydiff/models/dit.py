@@ -68,7 +68,7 @@ from ..nn import GELU, Attention, Linear, Module, ModuleList, Parameter, Sequent
 from ..nn import functional as F
 from .blocks import add_grads
 from .embeddings import TimestepEmbedding, timestep_embedding
-from .unet import UNet
+from .unet import UNet, check_context
 
 
 @dataclass
@@ -464,19 +464,7 @@ class DiT(Module):
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"DiT cuts x into {cfg.patch_size}×{cfg.patch_size} patches: H and W must be "
                              f"multiples of {cfg.patch_size}, got {height}×{width}")
-        if context is not None:
-            if cfg.context_dim is None:
-                raise ValueError("this DiT is unconditional (context_dim=None) but got a context; "
-                                 "build it with DiTConfig(context_dim=...) to condition on one")
-            if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-                raise ValueError(f"DiT expects context of shape (B={b}, L, context_dim={cfg.context_dim}), "
-                                 f"got {tuple(context.shape)}")
-        if context_mask is not None:
-            if context is None:
-                raise ValueError("context_mask given without a context")
-            if context_mask.dtype != bool or tuple(context_mask.shape) != tuple(context.shape[:2]):
-                raise ValueError(f"context_mask must be a bool array of shape {tuple(context.shape[:2])}, "
-                                 f"got {context_mask.dtype} {tuple(context_mask.shape)}")
+        check_context("DiT", cfg.context_dim, b, context, context_mask)
         t = xp.asarray(t, dtype=x.dtype)
         if t.ndim == 0:
             t = xp.full((b,), t, dtype=x.dtype)  # one timestep for the whole batch

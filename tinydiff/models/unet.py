@@ -217,6 +217,24 @@ def _named_modules(module: Module, prefix: str = ""):
         yield from _named_modules(child, f"{prefix}{name}.")
 
 
+
+def check_context(model: str, context_dim: int | None, batch: int, context, context_mask) -> None:
+    """The checks every denoiser makes of its prompt input (``model`` names it in the messages):
+    a context (B, L, context_dim) only for a conditional model, a bool mask (B, L) only with one."""
+    if context is not None:
+        if context_dim is None:
+            raise ValueError(f"this {model} is unconditional (context_dim=None) but got a context; "
+                             f"build it with {model}Config(context_dim=...) to condition on one")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != context_dim:
+            raise ValueError(f"{model} expects context of shape (B={batch}, L, context_dim={context_dim}), "
+                             f"got {tuple(context.shape)}")
+    if context_mask is not None:
+        if context is None:
+            raise ValueError("context_mask given without a context")
+        if context_mask.dtype != bool or tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(f"context_mask must be a bool array of shape {tuple(context.shape[:2])}, "
+                             f"got {context_mask.dtype} {tuple(context_mask.shape)}")
+
 class UNet(Module):
     """UNet(config, seed=0): see the module docstring. The initial weights are drawn from a
     generator made from ``seed`` (or from ``generator``, when a larger model passes its own).
@@ -304,19 +322,7 @@ class UNet(Module):
         if height % factor or width % factor:
             raise ValueError(f"UNet with {len(cfg.block_channels)} levels halves H and W {len(cfg.block_channels) - 1} "
                              f"times: they must be multiples of {factor}, got {height}×{width}")
-        if context is not None:
-            if cfg.context_dim is None:
-                raise ValueError("this UNet is unconditional (context_dim=None) but got a context; "
-                                 "build it with UNetConfig(context_dim=...) to condition on one")
-            if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-                raise ValueError(f"UNet expects context of shape (B={b}, L, context_dim={cfg.context_dim}), "
-                                 f"got {tuple(context.shape)}")
-        if context_mask is not None:
-            if context is None:
-                raise ValueError("context_mask given without a context")
-            if context_mask.dtype != bool or tuple(context_mask.shape) != tuple(context.shape[:2]):
-                raise ValueError(f"context_mask must be a bool array of shape {tuple(context.shape[:2])}, "
-                                 f"got {context_mask.dtype} {tuple(context_mask.shape)}")
+        check_context("UNet", cfg.context_dim, b, context, context_mask)
         return self._per_sample(t, x, "timesteps t")
 
     @staticmethod
