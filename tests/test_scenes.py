@@ -145,6 +145,50 @@ def test_captions_round_trip_and_tokenize(train_scenes):
             scenes.parse_caption(bad)
 
 
+# Where each digit token's digit goes, written out by hand: caption -> [(position in the
+# tokenizer's row, slot name)], position 0 being <bos>.
+TOKEN_SLOTS_BY_HAND = {
+    "a 3 left of a 7": [(2, "left"), (6, "right")],
+    "a 7 right of a 3": [(2, "right"), (6, "left")],
+    "a 3 above a 7": [(2, "top"), (5, "bottom")],
+    "a 7 below a 3": [(2, "bottom"), (5, "top")],
+    "an 8 left of a 1": [(2, "left"), (6, "right")],
+    "two 7s": [(2, "count2")],
+    "three 1s": [(2, "count3")],
+    "the number 42": [(3, "number")],
+    "a small 5": [(3, "small")],
+    "a big 5": [(3, "big")],
+}
+
+
+def test_token_slot_labels_say_where_each_digit_goes():
+    tokenizer = scenes.scene_tokenizer()
+    captions = list(TOKEN_SLOTS_BY_HAND)
+    out = scenes.token_slot_labels(captions, tokenizer)
+    encoded = tokenizer.encode(captions)
+    assert out.labels.shape == out.mask.shape == encoded.ids.shape and out.mask.dtype == bool
+    for row, caption in enumerate(captions):
+        got = [(int(p), scenes.TOKEN_SLOTS[out.labels[row, p]]) for p in np.flatnonzero(out.mask[row])]
+        assert got == TOKEN_SLOTS_BY_HAND[caption], caption
+        # The labelled positions hold the digit tokens; <bos>, words, <eos> and padding carry none.
+        words = tokenizer.decode(encoded.ids[row : row + 1])[0].split()
+        assert [words[p - 1] for p, _ in got] == [w for w in words if w.isdigit()], caption
+        assert not out.labels[row][~out.mask[row]].any()
+    assert not (out.mask & ~encoded.mask).any()
+
+
+def test_token_slot_labels_follow_truncation_and_refuse_other_captions():
+    # max_length 4 keeps <bos> a 3 <eos>: the 3 keeps its label, the dropped 7 has none; with 3
+    # the 3 would sit where <eos> goes, so it has none either.
+    for max_length, expected in ((4, [(2, "left")]), (3, [])):
+        out = scenes.token_slot_labels(["a 3 left of a 7"], scenes.scene_tokenizer(max_length))
+        assert out.labels.shape == (1, max_length)
+        got = [(int(p), scenes.TOKEN_SLOTS[out.labels[0, p]]) for p in np.flatnonzero(out.mask[0])]
+        assert got == expected, max_length
+    with pytest.raises(ValueError, match="not a scene caption"):
+        scenes.token_slot_labels(["a bold 7"], scenes.scene_tokenizer())
+
+
 def test_resize_area_is_area_averaging():
     image = np.arange(16.0).reshape(4, 4)
     halves = image.reshape(2, 2, 2, 2).mean(axis=(1, 3))  # 2×2 block means

@@ -63,6 +63,22 @@ of digits":
 ``scene_tokenizer()`` is the tokenizer over ``scene_vocabulary()`` (all captions fit the default
 ``max_length`` of 16: the longest has 6 words).
 
+Where each mentioned digit goes: token slot labels
+--------------------------------------------------
+``token_slot_labels(captions, tokenizer)`` reads, from the caption alone, the role of every
+digit token (the class index into ``TOKEN_SLOTS``) at that token's position in the tokenizer's
+rows; every other position (<bos>, words, <eos>, padding) is masked out::
+
+    "a 3 left of a 7"   3 → left,   7 → right       "two 7s"         7 → count2
+    "a 7 right of a 3"  7 → right,  3 → left        "three 1s"       1 → count3
+    "a 3 above a 7"     3 → top,    7 → bottom      "the number 42"  42 → number
+    "a 7 below a 3"     7 → bottom, 3 → top         "a small 5"      5 → small  ("a big 5": big)
+
+A relation's two digits get the slots ``RELATIONS`` gives the digit named first and second, so
+the label of "3" depends on a word after it: a pooled caption vector can hold "3", "7" and "left"
+without saying who is where, a per-token label cannot. ``train.clip`` trains a token head on
+these labels beside the contrastive loss (``text_objective="slots"``).
+
 Held-out digits
 ---------------
 ``make_scenes(n, split="train")`` draws digits only from the training split of
@@ -92,7 +108,7 @@ import numpy as np
 
 from tinydiff.data.mnist import load_mnist, train_test_split
 from tinydiff.text.captions import _fix_articles
-from tinydiff.text.tokenizer import Tokenizer
+from tinydiff.text.tokenizer import Tokenizer, split_words
 
 CANVAS = 32  # scenes are CANVAS × CANVAS, the networks' input size
 
@@ -133,6 +149,10 @@ KINDS = ("relation", "count", "number", "size")
 SHOWCASE_PROMPTS = ("a 3 left of a 7", "a 7 left of a 3", "a 3 above a 7", "a 7 above a 3", "two 7s",
                     "three 1s", "the number 42", "the number 17", "a small 5", "a big 5")  # a sample grid's rows
 SPLITS = ("train", "test")
+# The classes of ``token_slot_labels``: where a digit token's digit goes, or, for a number token,
+# that its two digits fill the slots ``first`` and ``second``. countN: N copies in the 2×2 grid;
+# small / big: centred on the canvas at 10–12 / 28–30 px.
+TOKEN_SLOTS = ("left", "right", "top", "bottom", "count2", "count3", "number", "small", "big")
 
 _CAPTION_PATTERNS = {  # kind -> the caption's grammar (after normalising spaces and case)
     "relation": re.compile(r"an? (\d) (left of|right of|above|below) an? (\d)"),
@@ -232,6 +252,47 @@ def parse_caption(text: str) -> SceneSpec:
         return SceneSpec(kind, (int(match[2]),), size=match[1])
     raise ValueError(f"{text!r} is not a scene caption (e.g. 'a 3 left of a 7', 'two 7s', "
                      "'the number 42', 'a small 5')")
+
+
+class TokenSlotLabels(NamedTuple):
+    """Per-token targets for a batch of captions (``token_slot_labels``)."""
+
+    labels: np.ndarray  # int64 (B, L): index into TOKEN_SLOTS at digit tokens, 0 elsewhere
+    mask: np.ndarray  # bool (B, L): True at the digit tokens, the only positions that carry a label
+
+
+def token_slot_roles(spec: SceneSpec) -> tuple[str, ...]:
+    """The ``TOKEN_SLOTS`` name of each digit token of ``spec``'s caption, in reading order."""
+    if spec.kind == "relation":
+        return RELATIONS[spec.relation]  # (slot of the digit named first, of the digit named second)
+    if spec.kind == "count":
+        return (f"count{spec.count}",)
+    if spec.kind == "number":
+        return ("number",)  # "42" is one token
+    return (spec.size,)
+
+
+def token_slot_labels(captions: Sequence[str], tokenizer: Tokenizer) -> TokenSlotLabels:
+    """Where each digit token of each caption goes, aligned with ``tokenizer.encode(captions)``.
+
+    A caption's i-th word (``split_words``, the tokenizer's own split) sits at position i + 1
+    of its row, after <bos>; its digit tokens (runs of digits: "3", "7", "42") are labelled
+    with ``token_slot_roles`` of ``parse_caption(caption)``, in order. Returns labels (B, L)
+    and mask (B, L) with L = ``tokenizer.max_length``; a caption outside the scene grammar is a
+    ValueError (``parse_caption``'s).
+    """
+    batch, length = len(captions), tokenizer.max_length
+    labels = np.zeros((batch, length), dtype=np.int64)  # (B, L)
+    mask = np.zeros((batch, length), dtype=bool)  # (B, L)
+    for row, caption in enumerate(captions):
+        roles = token_slot_roles(parse_caption(caption))
+        positions = [i + 1 for i, word in enumerate(split_words(caption)) if word.isdigit()]  # +1: <bos>
+        assert len(positions) == len(roles), (caption, positions, roles)  # the grammar fixes both
+        for position, role in zip(positions, roles):
+            if position < length - 1:  # a truncated caption keeps <eos> at length − 1
+                labels[row, position] = TOKEN_SLOTS.index(role)
+                mask[row, position] = True
+    return TokenSlotLabels(labels, mask)
 
 
 def scene_vocabulary() -> list[str]:
