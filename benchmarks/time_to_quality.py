@@ -1,0 +1,159 @@
+"""Time to quality: prompt accuracy and MNIST-FD against training minutes for the mnist-captions recipe.
+
+    python benchmarks/time_to_quality.py --out runs/ttq                 # train, then evaluate snapshots
+    python benchmarks/time_to_quality.py --out runs/ttq --evaluate-only # evaluate the snapshots again
+    python benchmarks/time_to_quality.py --out runs/ttq --unet-steps 3000 --unet-lr 2e-3   # another recipe
+
+The script runs ``tinydiff train mnist-captions`` (``train_mnist_captions`` with the default
+``RecipeConfig``, or the settings given) in ``--out`` and, every ``--every`` U-Net steps, copies
+the U-Net stage's checkpoint (the loop writes one every 500 steps) to ``OUT/snapshots/`` with the
+wall-clock time since the run began: the clip and vae stages count, since a user waits for them
+too. After training, each snapshot's EMA weights are put into the finished pipeline in place of
+the final ones and evaluated like ``tinydiff eval`` (``evaluate.evaluate_pipeline``: prompt
+accuracy on 1,000 images, MNIST-FD against held-out digits). Training and evaluation never run at
+the same time, so the minutes are those of training alone.
+
+Writes ``OUT/time_to_quality.json`` (one row per snapshot) and ``OUT/time_to_quality.png`` (the
+curve), and prints the table. The machine's load average is printed at the start and end of
+training: on a shared machine the minutes stretch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def train_with_snapshots(out: Path, config, every: int) -> list[dict]:
+    """Run the recipe in ``out``, copying the U-Net checkpoint every ``every`` steps; returns the
+    snapshots [{"step", "minutes", "path"}] (the last one is the finished stage's)."""
+    from tinydiff.train.recipes import train_mnist_captions
+
+    snapshots_dir = out / "snapshots"
+    snapshots_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "unet" / "state.npz"
+    start = time.perf_counter()
+    marks: dict[int, float] = {}  # U-Net step → minutes since the start, when the step finished
+    snapshots: list[dict] = []
+
+    def keep(step: int) -> None:
+        path = snapshots_dir / f"unet-{step:05d}.npz"
+        shutil.copyfile(checkpoint, path)
+        snapshots.append({"step": step, "minutes": marks[step], "path": str(path)})
+        print(f"snapshot at U-Net step {step}: {marks[step]:.2f} min", flush=True)
+
+    def callback(event: dict) -> None:
+        if event["stage"] != "unet":
+            if event.get("event") == "end":
+                print(f"{event['stage']}: {event['seconds']:.0f} s", flush=True)
+            return
+        if event.get("event") == "end":
+            last = event["total_steps"]
+            marks.setdefault(last, (time.perf_counter() - start) / 60)
+            keep(last)  # the loop writes its last checkpoint before the stage ends
+            return
+        if event.get("event") == "start":
+            return
+        step = event["step"]
+        marks[step] = (time.perf_counter() - start) / 60
+        # the loop calls back before it writes the checkpoint of step k, so step k's checkpoint is
+        # on disk when step k + 1 calls back
+        if (step - 1) % every == 0 and step - 1 > 0 and step - 1 < event["total_steps"]:
+            keep(step - 1)
+
+    print(f"training in {out}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    train_mnist_captions(out, config=config, callback=callback)
+    print(f"training done in {(time.perf_counter() - start) / 60:.1f} min; load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    (out / "snapshots.json").write_text(json.dumps(snapshots, indent=1))
+    return snapshots
+
+
+def evaluate_snapshots(out: Path, snapshots: list[dict], n_per_digit: int) -> list[dict]:
+    from tinydiff.evaluate import evaluate_pipeline
+    from tinydiff.io import load_checkpoint
+    from tinydiff.pipeline import TextToImagePipeline
+    from tinydiff.train.loop import checkpoint_weights
+
+    pipe = TextToImagePipeline.from_pretrained(out / "model")
+    rows = []
+    for snap in snapshots:
+        arrays = load_checkpoint(snap["path"])[0]
+        pipe.denoiser_net.load_state_dict(checkpoint_weights(arrays, "ema", path=snap["path"]))
+        results = evaluate_pipeline(pipe, n_per_digit=n_per_digit)
+        floor = results["mnist_fd_real_vs_real"]
+        row = {"step": snap["step"], "minutes": snap["minutes"], "prompt_accuracy": results["prompt_accuracy"],
+               "mnist_fd": results["mnist_fd"], "fd_floor": floor}
+        rows.append(row)
+        print(f"step {row['step']:5d}  {row['minutes']:5.1f} min  accuracy {row['prompt_accuracy']:.1%}  "
+              f"FD {row['mnist_fd']:.2f} ({row['mnist_fd'] / floor:.2f}× floor)", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [r["minutes"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(minutes, [100 * r["prompt_accuracy"] for r in rows], "o-")
+    ax1.axhline(97, color="gray", ls="--", lw=1, label="97%")
+    ax1.axvline(10, color="gray", ls=":", lw=1, label="10 min")
+    ax1.set(xlabel="training minutes (2 cores, all stages)", ylabel="prompt accuracy (%)")
+    ax1.legend(loc="lower right")
+    ax2.plot(minutes, [r["mnist_fd"] / r["fd_floor"] for r in rows], "o-")
+    ax2.axhline(3, color="gray", ls="--", lw=1, label="3× floor")
+    ax2.set(xlabel="training minutes (2 cores, all stages)", ylabel="MNIST-FD / floor", yscale="log")
+    ax2.legend(loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="run folder (a fresh one unless --evaluate-only)")
+    parser.add_argument("--every", type=int, default=500, help="U-Net steps between snapshots (a multiple of 500)")
+    parser.add_argument("--unet-steps", type=int, help="the recipe's unet_steps (default: the recipe's)")
+    parser.add_argument("--unet-lr", type=float, help="the recipe's unet_lr (default: the recipe's)")
+    parser.add_argument("--clip-steps", type=int, help="the recipe's clip_steps (default: the recipe's)")
+    parser.add_argument("--vae-steps", type=int, help="the recipe's vae_steps (default: the recipe's)")
+    parser.add_argument("--n-per-digit", type=int, default=100, help="evaluation images per digit (default: 100)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of the script (quick_recipe, 1,000 U-Net steps)")
+    parser.add_argument("--evaluate-only", action="store_true", help="evaluate the snapshots of a finished run")
+    args = parser.parse_args()
+    if args.every % 500:
+        parser.error(f"--every must be a multiple of 500 (the loop checkpoints every 500 steps), got {args.every}")
+
+    from dataclasses import replace
+
+    from tinydiff.train.recipes import RecipeConfig, quick_recipe
+
+    given = {"unet_steps": args.unet_steps, "unet_lr": args.unet_lr, "clip_steps": args.clip_steps,
+             "vae_steps": args.vae_steps}
+    base = replace(quick_recipe(), unet_steps=1000) if args.quick else RecipeConfig()
+    config = replace(base, **{k: v for k, v in given.items() if v is not None})
+    if args.evaluate_only:
+        snapshots = json.loads((args.out / "snapshots.json").read_text())
+    else:
+        snapshots = train_with_snapshots(args.out, config, args.every)
+    rows = evaluate_snapshots(args.out, snapshots, args.n_per_digit)
+    (args.out / "time_to_quality.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=1))
+    settings = ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) or "the default recipe"
+    plot(rows, args.out / "time_to_quality.png", f"tinydiff train mnist-captions ({settings})")
+    print(f"wrote {args.out / 'time_to_quality.json'} and {args.out / 'time_to_quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
