@@ -12,7 +12,10 @@ from tinydiff.nn import gradcheck, gradcheck_module, manual_seed
 from tinydiff.text import Tokenizer
 from tinydiff.text.captions import ATTRIBUTE_DTYPE, BOLD, DIGIT_WORDS, LEFT, RIGHT, THIN
 from tinydiff.text.tokenizer import PAD_ID
-from tinydiff.train.clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
+from tinydiff.data.scenes import TOKEN_SLOTS, load_scene_data, scene_tokenizer, token_slot_labels
+from tinydiff.train.clip import (
+    CaptionedDigits, SlotCLIP, load_captioned_mnist, load_clip, slot_accuracy, train_clip,
+)
 from tinydiff.train.loop import LoopConfig
 
 TOL = 1e-6
@@ -276,3 +279,142 @@ def test_embeddings_are_numpy_and_batched():
     np.testing.assert_allclose(model.embed_images(x, batch_size=3), to_numpy(model.image(x)), rtol=1e-12)
     batch = tokens()
     assert model.embed_texts(batch.ids, batch.mask).shape == (len(PROMPTS), 8)
+
+
+# --------------------------------------------------------------------------- the slot objective
+
+SCENE_TOKENIZER = scene_tokenizer()
+SCENE_CAPTIONS = ["a 3 left of a 7", "two 7s", "the number 42", "an 8 below a 1", "a small 5"]
+
+
+def tiny_scene_config() -> CLIPConfig:
+    config = tiny_config()
+    config.text.vocab_size = SCENE_TOKENIZER.vocab_size
+    return config
+
+
+def tiny_slot_clip(backend="numpy", slot_weight=0.7) -> SlotCLIP:
+    return SlotCLIP(tiny_scene_config(), slot_weight=slot_weight).double().to(backend)
+
+
+def slot_inputs(captions=SCENE_CAPTIONS, backend="numpy"):
+    batch, targets = SCENE_TOKENIZER.encode(captions), token_slot_labels(captions, SCENE_TOKENIZER)
+    return images(len(captions), backend), batch.ids, batch.mask, targets.labels, targets.mask
+
+
+def test_slot_clip_loss_gradients(backends):
+    """L = InfoNCE + λ·L_slots with λ = 0.7: every parameter, the slot head's and the encoders' alike."""
+    model = tiny_slot_clip(backends)
+    inputs = slot_inputs(backend=backends)
+
+    def backward(dloss):
+        model.zero_grad()
+        model(*inputs)
+        model.backward(float(dloss))
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    params = {n: p.data for n, p in model.named_parameters()}
+    errors = gradcheck(lambda: np.asarray(model(*inputs)), backward, params)
+    assert {"slot_head.weight", "slot_head.bias", "log_scale", "text.token_embedding.weight"} <= set(errors)
+    assert max(errors.values()) < TOL, errors
+
+
+def test_slot_loss_is_the_mean_cross_entropy_over_the_digit_tokens():
+    model = tiny_slot_clip()
+    x, ids, mask, labels, slot_mask = slot_inputs()
+    total = model(x, ids, mask, labels, slot_mask)
+    contrastive = CLIP.forward(model, x, ids, mask)  # the same weights, InfoNCE alone
+    hidden, _ = model.text(ids, mask)
+    w, c = model.slot_head.weight.data, model.slot_head.bias.data
+    losses = []
+    for b, caption in enumerate(SCENE_CAPTIONS):  # written out token by token
+        for t, word in enumerate(["<bos>"] + caption.split() + ["<eos>"]):
+            if word.rstrip("s").isdigit():  # "7s" is the tokens 7, s: its digit token is at t
+                logits = w @ hidden[b, t] + c  # (K,)
+                losses.append(np.log(np.exp(logits).sum()) - logits[labels[b, t]])
+    assert len(losses) == 7 == int(slot_mask.sum())
+    assert model.terms["slot_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
+    assert model.terms["contrastive_loss"] == pytest.approx(contrastive, rel=1e-12)
+    assert total == pytest.approx(contrastive + 0.7 * np.mean(losses), rel=1e-12)
+
+
+def test_without_labelled_tokens_the_slot_clip_is_clip():
+    model = tiny_slot_clip()
+    x, ids, mask, labels, slot_mask = slot_inputs()
+    model.zero_grad()
+    loss = model(x, ids, mask, labels, np.zeros_like(slot_mask))  # N = 0: L_slots = 0
+    model.backward()
+    slot_grads = {n: p.grad.copy() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert loss == CLIP.forward(model, x, ids, mask) and model.terms["slot_loss"] == 0.0
+    CLIP.backward(model)
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(slot_grads[name], p.grad, err_msg=name)
+    assert not slot_grads["slot_head.weight"].any()
+
+
+def test_slot_clip_starts_from_clip_weights():
+    slot_model, plain = SlotCLIP(tiny_scene_config(), seed=3), CLIP(tiny_scene_config(), seed=3)
+    state = slot_model.state_dict()
+    assert sorted(k for k in state if k.startswith("slot_head.")) == ["slot_head.bias", "slot_head.weight"]
+    assert state["slot_head.weight"].shape == (len(TOKEN_SLOTS), 16)
+    for name, value in plain.state_dict().items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+def test_slot_accuracy_known_answer():
+    model = tiny_slot_clip()
+    model.slot_head.weight.data[...] = 0.0
+    model.slot_head.bias.data[...] = 0.0
+    model.slot_head.bias.data[TOKEN_SLOTS.index("left")] = 1.0  # always answers "left"
+    captions = ["a 3 left of a 7", "two 7s", "a small 5"]  # digit tokens: left, right, count2, small
+    result = slot_accuracy(model, SCENE_TOKENIZER, captions, batch_size=2)
+    assert result == {"accuracy": 0.25, "tokens": 4,
+                      "per_class": {"left": 1.0, "right": 0.0, "count2": 0.0, "small": 0.0}}
+
+
+def _scene_data(n=96):
+    return load_scene_data(n, seed=1)
+
+
+def test_slots_objective_needs_scenes():
+    for data in (None, _small_digits()):
+        with pytest.raises(ValueError, match="needs scene captions") as info:
+            train_clip(tiny_config(), _loop(2), batch_size=8, data=data, text_objective="slots")
+        assert "\n" not in str(info.value) and "text objective 'contrastive'" in str(info.value)
+    with pytest.raises(ValueError, match="choose one of contrastive, slots"):
+        train_clip(tiny_config(), _loop(2), batch_size=8, data=_small_digits(), text_objective="roles")
+
+
+def test_slots_training_reduces_the_slot_loss():
+    logs = []
+    train_clip(tiny_scene_config(), _loop(60), batch_size=16, data=_scene_data(), tokenizer=SCENE_TOKENIZER,
+               text_objective="slots", callback=logs.append)
+    slot_losses = [log["slot_loss"] for log in logs]
+    assert {"contrastive_loss", "slot_loss", "slot_accuracy", "scale"} <= set(logs[0])
+    assert np.mean(slot_losses[-10:]) < 0.6 * np.mean(slot_losses[:10]), slot_losses
+    for log in logs:  # the loop's loss is the sum the objective says
+        assert log["loss"] == pytest.approx(log["contrastive_loss"] + log["slot_loss"], rel=1e-6)
+
+
+def test_slots_checkpoint_resumes_exactly_and_load_clip_drops_the_head(tmp_path):
+    data, path = _scene_data(), tmp_path / "clip.npz"
+    kwargs = dict(batch_size=16, data=data, tokenizer=SCENE_TOKENIZER, text_objective="slots", slot_weight=0.5)
+    straight, _, _ = train_clip(tiny_scene_config(), _loop(6), **kwargs)
+    train_clip(tiny_scene_config(), _loop(6), checkpoint_path=path, stop_at=3, **kwargs)
+    with pytest.raises(ValueError, match="trained with text objective 'slots'"):
+        train_clip(tiny_scene_config(), _loop(6), checkpoint_path=path, resume=True,
+                   **(kwargs | {"text_objective": "contrastive"}))
+    resumed, _, result = train_clip(tiny_scene_config(), _loop(6), checkpoint_path=path, resume=True, **kwargs)
+    assert "slot_head.weight" in straight.state_dict()
+    for name, value in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
+    loaded, tokenizer = load_clip(path)
+    assert type(loaded) is CLIP and tokenizer.to_dict() == SCENE_TOKENIZER.to_dict()
+    assert set(loaded.state_dict()) == {k for k in result["ema"].shadow if not k.startswith("slot_head.")}
+    for name, value in loaded.state_dict().items():
+        np.testing.assert_array_equal(value, result["ema"].shadow[name], err_msg=name)
+    with_head, _ = load_clip(path, weights="last", slot_head=True)
+    assert isinstance(with_head, SlotCLIP) and with_head.slot_weight == 0.5
+    for name, value in straight.state_dict().items():
+        np.testing.assert_array_equal(with_head.state_dict()[name], value, err_msg=name)

@@ -231,6 +231,9 @@ class CLIP(Module):
     two embeddings go back through each encoder, and ∂L/∂log s into ``log_scale`` (zero while
     the scale is clipped at 100, as CLIP). ``embed_images`` / ``embed_texts`` give NumPy
     embeddings (not normalised) for evaluation, without keeping caches.
+
+    A further loss on the text hidden states (the slot head of ``train.clip``) asks forward for
+    them with ``return_hidden=True`` and hands its gradient to ``backward(d_hidden=...)``.
     """
 
     def __init__(self, config: CLIPConfig | None = None, seed: int = 0):
@@ -246,19 +249,22 @@ class CLIP(Module):
         """s = e^{log s}, before the clip at 100."""
         return math.exp(float(self.log_scale.data))
 
-    def forward(self, images, ids, mask) -> float:
+    def forward(self, images, ids, mask, *, return_hidden: bool = False):
+        """The InfoNCE loss (a float), or (loss, text hidden states (B, L, D)) with ``return_hidden``."""
         image_emb = self.image(images)  # (B, E)
-        _, text_emb = self.text(ids, mask)  # (B, E); the hidden states are not needed here
+        hidden, text_emb = self.text(ids, mask)  # (B, L, D), (B, E)
         loss, d_image, d_text, d_log_scale = info_nce_loss(image_emb, text_emb, float(self.log_scale.data))
         self._keep((d_image, d_text, d_log_scale))
-        return loss
+        return (loss, hidden) if return_hidden else loss
 
-    def backward(self, dloss: float = 1.0):
+    def backward(self, dloss: float = 1.0, d_hidden=None):
+        """Gradients of ``dloss`` · InfoNCE, plus ``d_hidden`` (B, L, D), the gradient of another
+        loss with respect to the hidden states, if given (it is not scaled by ``dloss``)."""
         d_image, d_text, d_log_scale = self._take()
         xp = get_xp(d_image)
         self.log_scale.accumulate(xp.asarray(dloss * d_log_scale, dtype=d_image.dtype), "log_scale")
         self.image.backward(dloss * d_image)
-        self.text.backward(None, dloss * d_text)
+        self.text.backward(d_hidden, dloss * d_text)
         return None
 
     def embed_images(self, images, batch_size: int = 500) -> np.ndarray:
