@@ -71,12 +71,22 @@ def test_set_backend_rejects_unknown_name_listing_the_valid_ones():
     assert backend.get_backend() == "numpy"
 
 
-def test_bogus_backend_environment_variable_fails_at_import_with_a_clear_message():
+def test_bogus_backend_environment_variable_fails_on_first_use_with_a_clear_message():
     env = {**os.environ, "TINYDIFF_BACKEND": "bogus"}
-    result = subprocess.run([sys.executable, "-c", "import tinydiff.backend"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", "import tinydiff.backend as b; b.get_backend()"], env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "TINYDIFF_BACKEND='bogus' is not a backend; valid backends: numpy, cupy" in result.stderr
+
+
+def test_bogus_backend_environment_variable_is_one_line_from_the_cli_with_exit_status_2():
+    """Regression: the variable was checked while importing, so the CLI printed a traceback."""
+    env = {**os.environ, "TINYDIFF_BACKEND": "bogus"}
+    result = subprocess.run([sys.executable, "-m", "tinydiff.cli", "sample", "a 7", "--output", "never.png"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("tinydiff: error: TINYDIFF_BACKEND='bogus' is not a backend; "
+                                     "valid backends: numpy, cupy")
 
 
 @pytest.mark.skipif(CUPY_IMPORTABLE, reason="CuPy is installed here")

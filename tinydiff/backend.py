@@ -78,11 +78,16 @@ def _module_for(name: str) -> ModuleType:
     raise BackendError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
 
 
-_default_name = os.environ.get("TINYDIFF_BACKEND", "numpy").strip().lower() or "numpy"
-if _default_name not in BACKENDS:
-    raise BackendError(
-        f"TINYDIFF_BACKEND={_default_name!r} is not a backend; valid backends: {', '.join(BACKENDS)}"
-    )
+def _backend_from_env() -> str:
+    name = os.environ.get("TINYDIFF_BACKEND", "numpy").strip().lower() or "numpy"
+    if name not in BACKENDS:
+        raise BackendError(f"TINYDIFF_BACKEND={name!r} is not a backend; valid backends: {', '.join(BACKENDS)}")
+    return name
+
+
+# None: not chosen yet, read TINYDIFF_BACKEND on first use (not at import, so that a bad value is
+# one line from the CLI instead of a traceback while importing)
+_default_name: str | None = None
 
 
 def set_backend(name: str) -> None:
@@ -95,12 +100,15 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """Name of the default backend."""
+    global _default_name
+    if _default_name is None:
+        _default_name = _backend_from_env()
     return _default_name
 
 
 def default_xp() -> ModuleType:
     """The array module of the default backend."""
-    return _module_for(_default_name)
+    return _module_for(get_backend())
 
 
 def backend_of(x) -> str:
@@ -139,7 +147,7 @@ def to_numpy(x) -> np.ndarray:
 
 def to_device(x, backend: str | None = None, dtype=None):
     """``x`` as an array of ``backend`` (default: the default backend), optionally cast."""
-    xp = _module_for(backend or _default_name)
+    xp = _module_for(backend or get_backend())
     if xp is np:
         out = to_numpy(x)
     else:

@@ -18,7 +18,7 @@ The maths, in the VE form x = x0 + σ ε (EDM, Karras et al. 2022). The probabil
 
     dx/dσ = (x − D(x, σ))/σ                     (EDM eq. 1 with ∇log p = (D − x)/σ², eq. 3; σ(t) = t)
 
-    euler       x ← x + (σ' − σ)·d,  d = (x − D)/σ                            (EDM Alg. 1, no churn)
+    euler       x ← x + (σ' − σ)·d,  d = (x − D)/σ                            (the Euler part of EDM Alg. 1)
     heun        Euler predictor, then the trapezoid with d at the predicted point    (EDM Alg. 1)
                 (the final step to σ' = 0 stays Euler: D at σ = 0 would be 1/0 in d)
     dpmpp_2m    x ← (σ'/σ)·x − (e^{−h} − 1)·D̃,  h = log(σ/σ')  (λ = −log σ)   (DPM-Solver++ 2M)
@@ -119,7 +119,7 @@ def _report(callback, i, x, sigma, sigma_next, denoised) -> None:
 
 
 def sample_euler(denoiser, x, sigmas, *, rng=None, callback=None):
-    """Euler's method on dx/dσ = (x − D)/σ: first order (EDM Alg. 1 without churn)."""
+    """Euler's method on dx/dσ = (x − D)/σ: first order (the predictor of EDM Alg. 1)."""
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         denoised = denoiser(x, sigma)
         _report(callback, i, x, sigma, sigma_next, denoised)
@@ -128,7 +128,7 @@ def sample_euler(denoiser, x, sigmas, *, rng=None, callback=None):
 
 
 def sample_heun(denoiser, x, sigmas, *, rng=None, callback=None):
-    """Heun's method (EDM Alg. 1 without churn): second order, two D calls per step but the last."""
+    """Heun's method (EDM Alg. 1, deterministic; Alg. 2 adds churn): second order, two D calls per step but the last."""
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         denoised = denoiser(x, sigma)
         _report(callback, i, x, sigma, sigma_next, denoised)
