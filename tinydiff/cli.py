@@ -45,9 +45,10 @@ def cmd_info(args) -> int:
 DEFAULT_RUN_DIR = "runs/mnist-captions"
 RECIPES = {"mnist-captions": "digits", "mnist-scenes": "scenes"}  # recipe -> RecipeConfig.data; OUT: runs/<recipe>
 # the pipelines shipped in tinydiff/pretrained/ (pipeline.PRETRAINED_MODELS), named here without importing NumPy
-SHIPPED_MODELS = {"mnist-captions": "U-Net", "mnist-captions-dit": "DiT"}
-MODEL_HELP = ("a shipped model, mnist-captions (the U-Net) or mnist-captions-dit (the DiT), or a pipeline folder "
-              "(default: mnist-captions)")
+SHIPPED_MODELS = {"mnist-captions": "U-Net", "mnist-captions-dit": "DiT", "mnist-scenes": "U-Net, scenes"}
+MODEL_HELP = ("a shipped model, mnist-captions (the U-Net), mnist-captions-dit (the DiT) or mnist-scenes (the U-Net "
+              "on scenes: \"a 3 left of a 7\"), or a pipeline folder (default: mnist-captions)")
+CONDITIONINGS = ("tokens", "pooled")  # tinydiff train --conditioning (pipeline.CONDITIONINGS)
 
 
 def _use_backend(name: str | None) -> None:
@@ -67,12 +68,15 @@ def cmd_train(args) -> int:
         raise CLIError(f"unknown recipe {args.recipe!r}; available: {', '.join(RECIPES)}")
     if args.denoiser not in DENOISERS:
         raise CLIError(f"--denoiser must be {' or '.join(DENOISERS)}, got {args.denoiser!r}")
+    if args.conditioning not in CONDITIONINGS:
+        raise CLIError(f"--conditioning must be {' or '.join(CONDITIONINGS)}, got {args.conditioning!r}")
     if args.quick:
         config = quick_recipe()
         config.denoiser = args.denoiser
     else:
         config = dit_recipe() if args.denoiser == "dit" else RecipeConfig()
     config.data = RECIPES[args.recipe]
+    config.conditioning = args.conditioning
     args.out = args.out or f"runs/{args.recipe}"
     if args.encoders is not None:
         config.encoders = str(_model_path(args.encoders))
@@ -82,8 +86,11 @@ def cmd_train(args) -> int:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         bad = [s for s in stages if s not in valid]
         if bad or not stages:
-            raise CLIError(f"--stages takes a comma-separated list of {', '.join(valid)}"
-                           f"{' (with --encoders)' if config.encoders else ''}; got {args.stages!r}")
+            notes = ["with --encoders"] if config.encoders else []
+            if config.conditioning != "tokens":
+                notes.append("lcm distils token conditioning only")
+            note = f" ({', '.join(notes)})" if notes else ""
+            raise CLIError(f"--stages takes a comma-separated list of {', '.join(valid)}{note}; got {args.stages!r}")
     _check_seed(args.seed)
     _use_backend(args.backend)
     config.seed = args.seed
@@ -143,6 +150,24 @@ def _load_pipeline(model: str | None, backend: str | None):
     from .pipeline import TextToImagePipeline
 
     return TextToImagePipeline.from_pretrained(_model_path(model), backend=backend)
+
+
+def _upgrade_command(folder: Path) -> str:
+    """The one-line command that makes a scenes folder saved before the pipeline's image_size
+    existed return the whole 32×32 canvas (it rewrites model_index.json alone)."""
+    return (f"python -c \"from tinydiff.pipeline import TextToImagePipeline as P; p = P.from_pretrained('{folder}'); "
+            f"p.config.image_size = 32; p.save_pretrained('{folder}', only=[])\"")
+
+
+def _check_scene_prompt(prompt: str) -> None:
+    """A scenes model was trained on the four kinds of scene caption only (``scenes.parse_caption``):
+    anything else, even of known words ("a 3 left of a 3 above a 7"), is refused in one line."""
+    from .data.scenes import parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError as err:
+        raise CLIError(f"{err}; a scenes model draws only these four kinds of caption") from None
 
 
 def _check_seed(seed: int) -> None:
@@ -210,11 +235,24 @@ def _load_for_sampling(args):
     checked against it before any sampling: (pipeline, steps, σ grid)."""
     from .diffusion.schedules import get_sigmas
 
+    from .evaluate_scenes import is_scene_pipeline
+
     _use_backend(args.backend)
     pipe = _load_pipeline(args.model, args.backend)
+    scenes = is_scene_pipeline(pipe)
+    if args.command != "sample" and (scenes or pipe.image_size != 28):  # editing.py reads and writes 28×28 digits
+        drawn = "scenes" if scenes else f"{pipe.image_size}×{pipe.image_size} pictures"
+        raise CLIError(f"{args.command} takes 28×28 digits, and this model draws {drawn}; "
+                       "use tinydiff sample, or a digits model (--model mnist-captions)")
     if getattr(args, "sampler", None) == "lcm" and pipe.lcm_unet is None:
         raise CLIError(pipe.missing_student_message())
     _check_prompt(pipe.tokenizer, args.prompt)
+    if scenes:
+        _check_scene_prompt(args.prompt)
+        if pipe.image_size != 32:
+            print(f"note: this scenes model returns {pipe.image_size}×{pipe.image_size} crops (its folder predates "
+                  f"the image_size setting); to get the whole 32×32 scenes run once: "
+                  f"{_upgrade_command(_model_path(args.model))}", file=sys.stderr)
     pipe.encode_prompt([args.prompt])  # an empty prompt (or any other the pipeline refuses) fails here
     if args.negative:
         _check_prompt(pipe.tokenizer, args.negative, "--negative")
@@ -234,7 +272,7 @@ def _load_for_sampling(args):
 
 
 def _write_images(images, output: Path, title: str) -> None:
-    """uint8 (N, 28, 28) → FILE.npy as it is, or FILE.png as a grid titled ``title``."""
+    """uint8 (N, S, S) (S: 28 digits, 32 scenes) → FILE.npy as it is, or FILE.png as a grid titled ``title``."""
     import numpy as np
 
     try:
@@ -386,11 +424,15 @@ def cmd_eval(args) -> int:
     from tqdm import tqdm
 
     from .evaluate import evaluate_pipeline, format_cost, format_results
+    from .evaluate_scenes import is_scene_pipeline
 
-    if args.n_per_digit < 2:
+    if args.n_per_digit is not None and args.n_per_digit < 2:
         raise CLIError(f"--n-per-digit must be at least 2, got {args.n_per_digit}")
-    if args.n_attribute < 1:
+    if args.n_attribute is not None and args.n_attribute < 1:
         raise CLIError(f"--n-attribute must be at least 1, got {args.n_attribute}")
+    if args.n_per_kind is not None and (args.n_per_kind < 2 or args.n_per_kind % 2):
+        raise CLIError(f"--n-per-kind must be an even number, at least 2 (relation prompts come in swapped pairs), "
+                       f"got {args.n_per_kind}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
     _check_sampler_and_guidance(args.sampler, args.guidance)
@@ -400,6 +442,13 @@ def cmd_eval(args) -> int:
     sampler = args.sampler or pipe.defaults.sampler
     if sampler == "lcm" and pipe.lcm_unet is None:
         raise CLIError(pipe.missing_student_message())
+    if is_scene_pipeline(pipe):
+        return _eval_scenes(args, pipe, sampler)
+    if args.n_per_kind is not None:
+        raise CLIError("--n-per-kind is for scenes models (tinydiff train mnist-scenes); this model draws digits: "
+                       "use --n-per-digit and --n-attribute")
+    args.n_per_digit = 100 if args.n_per_digit is None else args.n_per_digit
+    args.n_attribute = 20 if args.n_attribute is None else args.n_attribute
     total = 10 * args.n_per_digit + 20 * args.n_attribute
     with tqdm(total=total, desc="generating", unit="img", dynamic_ncols=True) as bar:
         results = evaluate_pipeline(pipe, n_per_digit=args.n_per_digit, n_attribute=args.n_attribute,
@@ -413,6 +462,51 @@ def cmd_eval(args) -> int:
     print("\n".join(format_results(results)))
     print(format_cost(results))
     return 0
+
+
+SCENE_BATCH = 50  # prompts per pipeline call in tinydiff eval on scenes: the progress bar moves per batch
+
+
+def _eval_scenes(args, pipe, sampler: str) -> int:
+    """``tinydiff eval`` on a scenes model: ``evaluate_scenes`` on ``evaluation_prompts(n)``, each
+    metric beside the floor (``scene_floor``: real scenes of held-out digits, the same prompts)."""
+    import time
+
+    from tqdm import tqdm
+
+    from .evaluate_scenes import evaluate_scenes, evaluation_prompts, pipeline_generator, scene_floor
+    from .train.classifier import load_classifier
+
+    if args.n_per_digit is not None or args.n_attribute is not None:
+        raise CLIError("--n-per-digit and --n-attribute are for digits models; this model draws scenes: "
+                       "use --n-per-kind")
+    if pipe.image_size != 32:
+        raise CLIError(f"this scenes model returns {pipe.image_size}×{pipe.image_size} crops (its folder predates the "
+                       f"image_size setting); upgrade it once with: {_upgrade_command(_model_path(args.model))}")
+    n = 100 if args.n_per_kind is None else args.n_per_kind
+    prompts = evaluation_prompts(n)
+    classifier = load_classifier()
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="generating", unit="img", dynamic_ncols=True) as bar:
+        generate = pipeline_generator(pipe, seed=args.seed, progress=bar.update, steps=args.steps,
+                                      sampler=args.sampler, guidance_scale=args.guidance)
+        results = evaluate_scenes(generate, prompts, classifier=classifier, batch_size=SCENE_BATCH)
+    seconds = time.perf_counter() - start
+    floor = scene_floor(n, classifier=classifier)  # the same prompts (evaluation_prompts(n)), ~5 s for n = 100
+    steps = args.steps or pipe.defaults.steps
+    guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
+    schedule = "trailing" if sampler == "lcm" else pipe.defaults.sigma_schedule
+    print(f"\n{sampler} / {schedule}, {steps} steps, guidance {guidance}, sigma_max {pipe.defaults.sigma_max}, "
+          f"seed {args.seed}; {len(prompts)} scene prompts ({n} per kind), {seconds:.0f} s to generate and read them")
+    print("\n".join(format_scene_results(results, floor)))
+    return 0
+
+
+def format_scene_results(results: dict, floor: dict) -> list[str]:
+    """``evaluate_scenes``' results beside the floor's (real scenes of held-out digits), as the
+    lines of a Markdown table, one row per metric in the evaluator's order."""
+    rows = [f"| {name} | {value:.1%} | {floor[name]:.1%} |" for name, value in results.items() if name != "prompts"]
+    return ["| metric | model | floor (real held-out scenes) |", "| --- | --- | --- |"] + rows
 
 
 def _add_sampling_arguments(command, *, output: str, sampler: bool = True, seed: bool = True,
@@ -471,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="steps of the denoiser stage (default: the recipe's, 6000 for the U-Net, 8000 for the DiT); "
                             "with --resume a finished stage continues to this many, on the learning-rate schedule of "
                             "the new total")
+    train.add_argument("--conditioning", default="tokens",
+                       help="what the denoiser reads of the prompt: tokens (default; every token state) or pooled "
+                            "(the text encoder's <eos> state alone: the ablation of one pooled text vector; with "
+                            "--encoders a finished run's MODEL trains only the denoiser)")
     train.add_argument("--encoders", metavar="MODEL",
                        help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
                             "folder) instead of training the clip and vae stages")
@@ -482,10 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser(
-        "sample", help="generate digits from a prompt",
+        "sample", help="generate digits (or scenes, with a scenes model) from a prompt",
         description="Generate digits from a prompt. The shipped model knows 36 words (digits, number words, "
                     "thin/bold, small/large, leaning left/right, standing upright, ...), at most 14 in a prompt: "
-                    "tinydiff words lists them.")
+                    "tinydiff words lists them. A scenes model (--model mnist-scenes) draws 32×32 scenes and takes "
+                    "the four kinds of scene caption only: \"a 3 left of a 7\" (right of, above, below), "
+                    "\"two 7s\" (three), \"the number 42\", \"a small 5\" (big).")
     sample.add_argument("prompt", help='what to draw, e.g. "a bold handwritten 7" (tinydiff words lists the '
                                        'words the model knows)')
     sample.add_argument("--num-images", type=int, default=8, help="images to generate (default: 8)")
@@ -540,10 +640,20 @@ def build_parser() -> argparse.ArgumentParser:
     words.add_argument("--model", help=MODEL_HELP)
     words.set_defaults(func=cmd_words)
 
-    evaluate = sub.add_parser("eval", help="measure a model: prompt accuracy, MNIST-FD, attribute adherence, CLIP")
+    evaluate = sub.add_parser(
+        "eval", help="measure a model: prompt accuracy, MNIST-FD, attribute adherence, CLIP; for a scenes model the "
+                     "scene metrics (relations, counts, numbers, sizes) beside the floor of real scenes",
+        description="Measure a model. A digits model: prompt accuracy, MNIST-FD, attribute adherence, CLIP. A scenes "
+                    "model (its tokenizer knows the scene captions' words, e.g. mnist-scenes): the metrics of "
+                    "tinydiff.evaluate_scenes, each beside the floor, the same prompts drawn as real scenes of "
+                    "held-out digits.")
     evaluate.add_argument("--model", help=MODEL_HELP)
-    evaluate.add_argument("--n-per-digit", type=int, default=100, help="images per digit prompt (default: 100)")
-    evaluate.add_argument("--n-attribute", type=int, default=20, help="images per bold/thin prompt and digit (default: 20)")
+    evaluate.add_argument("--n-per-digit", type=int, help="digits models: images per digit prompt (default: 100)")
+    evaluate.add_argument("--n-attribute", type=int,
+                          help="digits models: images per bold/thin prompt and digit (default: 20)")
+    evaluate.add_argument("--n-per-kind", type=int,
+                          help="scenes models: N prompts of each kind, an even number: 5N images (N relation, "
+                               "count, number, small, big) (default: 100)")
     evaluate.add_argument("--steps", type=int, help="denoising steps (default: the model's, 20)")
     evaluate.add_argument("--sampler", help="a sampler of tinydiff sample --sampler, e.g. lcm (default: the model's)")
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 2)")

@@ -27,18 +27,19 @@ Metrics (``evaluate_scenes``), each a fraction of the prompts of its kind:
 * ``count_accuracy``: exactly ``count`` non-empty grid cells, every one read as the digit;
   ``count_only_accuracy`` asks only for the number of non-empty cells;
 * ``number_accuracy``: both digits of "the number 42" read right, in order (the whole number);
-  ``number_digit_accuracy``: the fraction of single digits right;
+  ``number_digits_accuracy``: the fraction of single digits right;
 * ``small_accuracy`` / ``big_accuracy``: the digit read right and its ink box's longest side in
   the size asked for (at most ``SMALL_MAX`` pixels for small, at least ``BIG_MIN`` for big);
   ``small_digit_accuracy`` / ``big_digit_accuracy`` ask only for the digit.
 
 ``evaluate_scenes(generate, prompts)`` takes any function from a list of prompts to uint8
-images (N, 32, 32): a trained pipeline (``pipeline_generator(pipe)``), or ``real_scenes_generator()`` whose "generated"
-pictures are real scenes of held-out digits, the floor that says how much of any shortfall is
-the instrument's own (``scene_floor``). The floor has two parts: the classifier misreads 1.4%
-of the held-out digits even alone and unscaled, and scenes add the cost of cropping, shrinking
-and normalising; ``scene_floor(legible=True)`` measures the second alone, on the held-out
-digits the classifier reads right by themselves.
+images (N, 32, 32): a trained pipeline (``pipeline_generator(pipe)``; ``tinydiff eval --model
+FOLDER`` does this for a pipeline trained on scenes, ``is_scene_pipeline``), or
+``real_scenes_generator()``, whose "generated" pictures are real scenes of held-out digits: the
+floor that says how much of any shortfall is the instrument's own (``scene_floor``). The floor
+has two parts: the classifier misreads 1.4% of the held-out digits even alone and unscaled, and
+scenes add the cost of cropping, shrinking and normalising; ``scene_floor(legible=True)``
+measures the second alone, on the held-out digits the classifier reads right by themselves.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from .data.scenes import (
     render_captions,
     resize_area,
     scene_caption,
+    scene_vocabulary,
     split_indices,
 )
 from .metrics import as_model_images
@@ -283,20 +285,36 @@ def real_scenes_generator(*, split: str = "test", seed: int = 0,
     return generate
 
 
-def pipeline_generator(pipe, *, seed: int = 0, **options) -> Callable[[list[str]], np.ndarray]:
+def is_scene_pipeline(pipe) -> bool:
+    """Whether ``pipe`` was trained on scenes: its tokenizer knows every word of the scene captions
+    (``scenes.scene_vocabulary``: "left", "above", "number", the numbers 10–99, …), which the
+    digits' caption grammar lacks. ``tinydiff eval`` then runs this module's evaluation, and
+    ``tinydiff sample`` takes only prompts of the scene grammar (``scenes.parse_caption``)."""
+    return set(scene_vocabulary()) <= set(pipe.tokenizer.words)
+
+
+def pipeline_generator(pipe, *, seed: int = 0, progress: Callable[[int], None] | None = None,
+                       **options) -> Callable[[list[str]], np.ndarray]:
     """A trained pipeline as ``evaluate_scenes`` wants it: prompts → uint8 (N, 32, 32).
 
-    The pipeline's own output is the central 28×28 of an MNIST digit; scenes use the whole
-    32×32 canvas, so its final latents are decoded again without the crop. Prompt i of the k-th
-    call uses seed + (prompts before it) + i; ``options`` go to the pipeline (steps, sampler, …).
+    The pipeline must return the whole canvas (``image_size`` 32, saved by the scenes recipe;
+    a ValueError says how to upgrade a folder saved before the setting existed). Prompt i of the
+    k-th call uses seed + (prompts before it) + i; ``options`` go to the pipeline (steps, sampler, …);
+    ``progress(n)`` is told after each call that n more images are done.
     """
+    if pipe.image_size != CANVAS:
+        raise ValueError(f"this pipeline returns {pipe.image_size}×{pipe.image_size} crops, scenes need the whole "
+                         f"{CANVAS}×{CANVAS} canvas; set its image_size to {CANVAS} "
+                         "(tinydiff.pipeline's docstring shows how)")
     done = 0
 
     def generate(prompts: list[str]) -> np.ndarray:
         nonlocal done
-        _, latents = pipe(list(prompts), seed=seed + done, return_latents=True, **options)  # (N, 4, 8, 8)
+        images = pipe(list(prompts), seed=seed + done, **options)  # (N, 32, 32) uint8
         done += len(prompts)
-        return from_model_range(pipe.vae.decode_from_diffusion(latents), crop=False)  # (N, 32, 32) uint8
+        if progress is not None:
+            progress(len(prompts))
+        return images
 
     return generate
 

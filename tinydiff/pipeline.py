@@ -4,7 +4,7 @@
                                                                    ▼
     seeded noise (4×8×8 latent) ─► denoising loop: denoiser + CFG + sampler ─► clean latent
                                                                    ▼
-                                          VAE decoder ─► 32×32 image ─► crop to 28×28 uint8
+                                          VAE decoder ─► 32×32 image ─► uint8 (28×28 digits, 32×32 scenes)
 
 ``TextToImagePipeline.__call__`` runs the five steps of the seed article one after another:
 
@@ -19,7 +19,7 @@
    x̂0 = x̂0(∅) + w · (x̂0(c) − x̂0(∅))   (Ho & Salimans 2022, eq. 6, on the x0 estimate).
 4. **Decode.** x = VAE.decode(z_0 / scaling_factor) (Rombach et al. 2022: the diffusion model
    works on latents scaled to unit variance).
-5. **Convert.** [−1, 1] → uint8, 32×32 → the digits' native 28×28.
+5. **Convert.** [−1, 1] → uint8, and for digits 32×32 → their native 28×28 (``PipelineConfig.image_size``).
 
 The same pieces serve the editors (``tinydiff.editing``, also methods here): ``img2img`` starts the
 loop part way down from a noised picture, ``inpaint`` puts the kept part of a picture back at
@@ -48,6 +48,28 @@ next σ. Its σ grid defaults to ``trailing`` spacing below sigma_max (for 4 ste
 726, 544, 362, 181: the spacing of LCM's scheduler), not the Karras grid, whose last step at
 σ_min would be wasted on f(z, σ_min) = z.
 
+**The pipeline's own settings** (``PipelineConfig``, the optional "pipeline" section of
+model_index.json; a folder without it has the defaults, which are how every pipeline behaved
+before the section existed):
+
+* ``image_size``: the side of the pictures ``pipe(...)`` returns. The VAE decodes 32×32; 28
+  crops that to the MNIST digits' native 28×28 (``mnist-captions``), 32 keeps the whole canvas,
+  which the scenes of ``tinydiff.data.scenes`` fill ("a 3 left of a 7": ``tinydiff train
+  mnist-scenes`` saves 32).
+* ``conditioning``: what the denoiser reads of the prompt. "tokens" (Stable Diffusion's way):
+  all L token states. "pooled": only the text encoder's state at <eos> (the state CLIP pools),
+  at position 0 of an otherwise zero context (``pooled_context``) — the ablation that asks
+  whether one pooled vector holds "a 3 left of a 7" and "a 7 left of a 3" apart. Training wrote
+  it (``RecipeConfig.conditioning``) so that sampling reads the prompt as training did.
+
+A scenes folder saved before ``image_size`` existed returns 28×28 crops; upgrading it rewrites
+only its manifest (the weights stay byte for byte)::
+
+    from tinydiff.pipeline import TextToImagePipeline
+    pipe = TextToImagePipeline.from_pretrained(FOLDER)
+    pipe.config.image_size = 32
+    pipe.save_pretrained(FOLDER, only=[])  # only=[]: no component rewritten, model_index.json alone
+
 Loading trusts nothing the manifest does not vouch for. The files loaded are a fixed set of
 names (``COMPONENT_FILES``, the denoiser's file of ``DENOISER_FILES``, and ``OPTIONAL_FILES`` when
 listed); the manifest must list every
@@ -71,7 +93,8 @@ import numpy as np
 from . import editing
 from .backend import backend_of, get_xp, map_rows, to_device, to_numpy
 from .config import ConfigError, ConfigMixin
-from .data.mnist import from_model_range
+from .data.mnist import IMAGE_SIZE, from_model_range
+from .data.scenes import CANVAS
 from .diffusion import DiffusionConfig, Denoiser, get_sampler, get_sigmas, per_sample_generators, randn_per_sample
 from .diffusion.consistency import ConsistencyFunction
 from .diffusion.samplers import SAMPLERS
@@ -90,9 +113,11 @@ COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.
 # the denoiser network: its type (model_index.json's "denoiser", "unet" when absent) → its file; class and config
 DENOISER_FILES = {"unet": "unet.npz", "dit": "dit.npz"}
 DENOISERS = {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
-PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit")  # the pipelines shipped in tinydiff/pretrained/
+PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit", "mnist-scenes")  # shipped in tinydiff/pretrained/
 OPTIONAL_FILES = {"image_encoder": "image_encoder.npz", "lcm_unet": "lcm_unet.npz"}  # saved when the pipeline has one
 LCM_SIGMA_SCHEDULE = "trailing"  # the σ grid of sampler="lcm" unless one is asked for (module docstring)
+IMAGE_SIZES = (IMAGE_SIZE, CANVAS)  # PipelineConfig.image_size: 28, the digits' crop, or 32, the whole canvas
+CONDITIONINGS = ("tokens", "pooled")  # PipelineConfig.conditioning (module docstring)
 
 
 class PromptError(ValueError):
@@ -101,7 +126,8 @@ class PromptError(ValueError):
 
 def pretrained_path(name: str = "mnist-captions") -> Path:
     """The folder of a pipeline shipped inside the package: ``mnist-captions`` (the U-Net, trained
-    by the default recipe) or ``mnist-captions-dit`` (the DiT, ``--denoiser dit``)."""
+    by the default recipe), ``mnist-captions-dit`` (the DiT, ``--denoiser dit``) or ``mnist-scenes``
+    (the U-Net of ``tinydiff train mnist-scenes``)."""
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"no shipped model named {name!r}; shipped: {', '.join(PRETRAINED_MODELS)}")
     return Path(str(resources.files("tinydiff") / "pretrained" / name))
@@ -133,6 +159,55 @@ class SamplingDefaults(ConfigMixin):
             raise ValueError(f"sigma_max must be positive (or None), got {self.sigma_max}")
 
 
+@dataclass
+class PipelineConfig(ConfigMixin):
+    """What a pipeline returns and how its denoiser reads the prompt: model_index.json's optional
+    "pipeline" section (absent: these defaults, the behaviour of every folder written before it)."""
+
+    image_size: int = IMAGE_SIZE  # side of the returned pictures: 28 crops the decoded 32×32 (digits), 32 keeps it
+    conditioning: str = "tokens"  # "tokens": the denoiser reads every token state; "pooled": <eos>'s alone
+
+    def __post_init__(self):
+        if self.image_size not in IMAGE_SIZES:
+            raise ValueError(f"image_size must be one of {', '.join(map(str, IMAGE_SIZES))}, got {self.image_size!r}")
+        check_conditioning(self.conditioning)
+
+
+def check_conditioning(conditioning: str) -> str:
+    """``conditioning`` if it is one of CONDITIONINGS, else a ValueError naming the valid ones."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be {' or '.join(CONDITIONINGS)}, got {conditioning!r}")
+    return conditioning
+
+
+def pooled_context(hidden, mask):
+    """The "pooled" conditioning: the text encoder's state at <eos> alone, as a denoiser context.
+
+    hidden (B, L, D): the text encoder's token states; mask (B, L) bool: True for <bos> … <eos>.
+    Returns c (B, L, D) with
+
+        c[b, 0] = hidden[b, eos_b],   eos_b = Σ_l mask[b, l] − 1   (the state CLIP pools, models/clip.py)
+        c[b, l] = 0                   for l ≥ 1
+
+    so the denoiser's interface (a (B, L, D) context) is unchanged while all it can read of the
+    prompt is one vector. The encoder is bidirectional, so that vector has seen every word; what
+    it loses is a place per word for cross-attention to look up. Used by training
+    (``train.latent_unet.CaptionConditioning``) and sampling (``encode_prompt``) alike.
+    """
+    xp = get_xp(hidden)
+    batch = hidden.shape[0]
+    eos = to_device(to_numpy(mask).sum(axis=1) - 1, backend_of(hidden))  # (B,) position of <eos>
+    context = xp.zeros_like(hidden)  # (B, L, D)
+    context[:, 0] = hidden[xp.arange(batch), eos]  # (B, D) into position 0
+    return context
+
+
+def denoiser_context(hidden, mask, conditioning: str):
+    """The denoiser's context for text states under ``conditioning`` ("tokens": as they are;
+    "pooled": ``pooled_context``), both (B, L, D)."""
+    return pooled_context(hidden, mask) if check_conditioning(conditioning) == "pooled" else hidden
+
+
 class TextToImagePipeline:
     """tokenizer + text encoder + U-Net + VAE + the diffusion settings they were trained with.
 
@@ -141,11 +216,15 @@ class TextToImagePipeline:
     so when the U-Net was the only denoiser) is the denoiser network: a ``UNet`` or a ``DiT``
     (``denoiser_net``). ``lcm_unet``, optional, is the
     U-Net's consistency-distilled student (built with ``UNetConfig.guidance_embedding``).
+    ``config`` (``PipelineConfig``, default: 28×28 digits, token conditioning) says what the
+    pipeline returns and how the denoiser reads the prompt; ``image_size`` and ``conditioning``
+    read it.
     """
 
     def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet | DiT, vae: AutoencoderKL,
                  diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None,
-                 image_encoder: ImageEncoder | None = None, lcm_unet: UNet | None = None):
+                 image_encoder: ImageEncoder | None = None, lcm_unet: UNet | None = None,
+                 config: PipelineConfig | None = None):
         self.denoiser_type = denoiser_type(unet)  # "unet" or "dit": which file it is saved to
         self.tokenizer, self.text_encoder, self.denoiser_net, self.vae = tokenizer, text_encoder, unet, vae
         self.image_encoder = image_encoder
@@ -155,9 +234,20 @@ class TextToImagePipeline:
         self.threads: int | None = None  # CPU threads for the U-Net's rows (None: one per core)
         self.diffusion = diffusion.sampling_config()
         self.defaults = defaults or SamplingDefaults()
+        self.config = config or PipelineConfig()
         self.schedule = diffusion.make_schedule()
         for module in self._modules():
             module.eval()
+
+    @property
+    def image_size(self) -> int:
+        """The side of the pictures the pipeline returns: 28 (digits, cropped) or 32 (the whole canvas)."""
+        return self.config.image_size
+
+    @property
+    def conditioning(self) -> str:
+        """What the denoiser reads of the prompt: "tokens" or "pooled" (``pooled_context``)."""
+        return self.config.conditioning
 
     @property
     def unet(self) -> UNet | DiT:
@@ -180,7 +270,8 @@ class TextToImagePipeline:
 
     # -- step 1: prompts → context ------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], *, strict: bool = True):
-        """Prompts → the text encoder's hidden states (B, L, D), on the model's backend.
+        """Prompts → the denoiser's context (B, L, D), on the model's backend: the text encoder's
+        hidden states, or with ``conditioning="pooled"`` the <eos> state alone (``pooled_context``).
 
         With ``strict``, an empty prompt, one too long to fit (truncation would drop its end) or
         one with words outside the vocabulary raises PromptError naming them (the model has never
@@ -206,7 +297,8 @@ class TextToImagePipeline:
                 raise PromptError("the prompt is empty; describe a digit, e.g. \"a bold handwritten 7\"")
         with no_grad():
             hidden, _ = self.text_encoder(tokens.ids, tokens.mask)  # (distinct prompts, L, D)
-        return hidden[get_xp(hidden).asarray([row[p] for p in prompts])]  # (B, L, D)
+        context = denoiser_context(hidden, tokens.mask, self.conditioning)  # (distinct prompts, L, D)
+        return context[get_xp(context).asarray([row[p] for p in prompts])]  # (B, L, D)
 
     # -- the pieces the loop shares with the editors (tinydiff.editing) -----------------------------
     def sampling_options(self, prompts: list[str], *, steps: int | None = None, sampler: str | None = None,
@@ -273,19 +365,21 @@ class TextToImagePipeline:
         return ConsistencyFunction(denoiser, self.schedule)
 
     def decode(self, z0) -> np.ndarray:
-        """Steps 4–5: clean latents (B, 4, 8, 8) → uint8 digits (B, 28, 28)."""
+        """Steps 4–5: clean latents (B, 4, 8, 8) → uint8 pictures (B, S, S), S = ``image_size``:
+        28, the digits' central crop, or 32, the whole canvas (scenes)."""
         with no_grad():
             # 4. latents → pixels
             x = map_rows(self.vae.decode_from_diffusion, z0, threads=self.threads)  # (B, 1, 32, 32) in [−1, 1]
-        # 5. pixels → uint8 digits
-        return from_model_range(x)  # (B, 28, 28) uint8
+        # 5. pixels → uint8, cropped to the digits' 28×28 or the whole 32×32
+        return from_model_range(x, crop=self.image_size == IMAGE_SIZE)  # (B, S, S) uint8
 
     # -- the whole loop -------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, num_images: int = 1,
                  steps: int | None = None, sampler: str | None = None, sigma_schedule: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, callback=None,
                  return_latents: bool = False, sigma_max: float | None = None, latents=None):
-        """Generate images: uint8 (N, 28, 28), and the final latents (N, 4, 8, 8) if asked.
+        """Generate images: uint8 (N, S, S), S = ``image_size`` (28 for digits, 32 for scenes), and the
+        final latents (N, 4, 8, 8) if asked.
 
         ``prompt`` is one prompt for ``num_images`` images, or a list (one image each). ``seed``
         fixes every image: image i uses seed + i, so a batch equals separate runs. ``callback``
@@ -333,7 +427,7 @@ class TextToImagePipeline:
             extra = {"sigma_min": self.schedule.sigma_min} if lcm else {}  # f's boundary (sample_lcm)
             z0 = get_sampler(o.sampler)(denoiser, z, sigmas, rng=generators, callback=callback, **extra)
         # 4. latents → pixels (VAE decoder) and 5. pixels → uint8 digits
-        images = self.decode(z0)  # (B, 28, 28) uint8
+        images = self.decode(z0)  # (B, S, S) uint8
         return (images, to_numpy(z0)) if return_latents else images
 
     # -- editing (tinydiff.editing) -------------------------------------------------------------------
@@ -385,6 +479,7 @@ class TextToImagePipeline:
             "denoiser": self.denoiser_type,
             "diffusion": self.diffusion.to_dict(),
             "sampling_defaults": self.defaults.to_dict(),
+            "pipeline": self.config.to_dict(),
             "files": {name: {"path": f, "sha256": sha256_file(path / f)} for name, f in files.items()},
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
@@ -406,7 +501,7 @@ class TextToImagePipeline:
         index = path / "model_index.json"
         if not index.is_file():
             raise CheckpointError(f"{path} is not a tinydiff pipeline folder (no model_index.json)")
-        diffusion, defaults, files, denoiser = read_manifest(path)
+        diffusion, defaults, files, denoiser, config = read_manifest(path)
 
         def load(name: str, build) -> Module:
             """The checkpoint of component ``name``, its network built from the config it records."""
@@ -432,7 +527,7 @@ class TextToImagePipeline:
         if "lcm_unet" in files:
             lcm_unet = load("lcm_unet", lambda c: UNet(_student_config(c)))
         pipe = cls(tokenizer, text_encoder, denoiser_net, vae, diffusion, defaults, image_encoder=image_encoder,
-                   lcm_unet=lcm_unet)
+                   lcm_unet=lcm_unet, config=config)
         return pipe.to(backend) if backend else pipe
 
 
@@ -449,20 +544,24 @@ def _damaged(folder: Path, problem: str) -> CheckpointError:
                            "restore the folder from where it came from, or retrain")
 
 
-def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict[str, str], str]:
+def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict[str, str], str, PipelineConfig]:
     """Check ``folder/model_index.json`` and the files it lists:
-    (diffusion, defaults, {component: file}, denoiser type).
+    (diffusion, defaults, {component: file}, denoiser type, pipeline config).
 
     Optionally the manifest says "denoiser": a key of DENOISERS ("unet" or "dit"); without it the
     folder is a U-Net pipeline (every folder written before the DiT). The denoiser's own name is
     then a required component (its file in DENOISER_FILES), and the other denoiser's name is an
     unknown entry.
 
+    Optionally it has a "pipeline" section, a ``PipelineConfig`` (image size, conditioning); without
+    it the folder has the defaults (28×28 digits, token conditioning: every folder written before it).
+
     The manifest must be a JSON object with exactly the keys "format", "format_version",
-    "diffusion", "sampling_defaults" and "files". "files" maps every name of COMPONENT_FILES
+    "diffusion", "sampling_defaults" and "files" (besides the optional two). "files" maps every name of COMPONENT_FILES
     (and, optionally, of OPTIONAL_FILES) to {"path": its fixed file name, "sha256": 64 hex
-    digits} and names nothing else; each file's bytes must hash to its sha256. The two config
-    sections must be complete configs of the right types. Any deviation is a CheckpointError
+    digits} and names nothing else; each file's bytes must hash to its sha256. The config
+    sections must be complete configs of the right types (the "pipeline" section: of known keys
+    and values). Any deviation is a CheckpointError
     saying the folder was tampered with or damaged; a manifest of another format version says so.
     """
     index = folder / "model_index.json"
@@ -473,9 +572,10 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     if not isinstance(manifest, dict):
         raise _damaged(folder, "model_index.json is not a JSON object")
     expected_keys = {"format", "format_version", "diffusion", "sampling_defaults", "files"}
-    if set(manifest) - {"denoiser"} != expected_keys:  # "denoiser" is optional
+    optional_keys = {"denoiser", "pipeline"}
+    if set(manifest) - optional_keys != expected_keys:
         problems = [f"missing {k!r}" for k in sorted(expected_keys - set(manifest))]
-        problems += [f"unknown {k!r}" for k in sorted(set(manifest) - expected_keys - {"denoiser"})]
+        problems += [f"unknown {k!r}" for k in sorted(set(manifest) - expected_keys - optional_keys)]
         raise _damaged(folder, f"model_index.json has the wrong sections ({', '.join(problems)})")
     if manifest["format"] != MANIFEST_FORMAT:
         raise _damaged(folder, f"model_index.json is not a {MANIFEST_FORMAT} manifest")
@@ -485,6 +585,7 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     try:
         diffusion = DiffusionConfig.from_dict(manifest["diffusion"])
         defaults = SamplingDefaults.from_dict(manifest["sampling_defaults"])
+        config = PipelineConfig.from_dict(manifest.get("pipeline", {}))
     except ValueError as err:  # ConfigError, or a value the config refuses
         raise _damaged(folder, f"model_index.json has a bad config section ({err})") from None
 
@@ -514,7 +615,7 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
         if sha256_file(file) != entry["sha256"]:
             raise _damaged(folder, f"{known[name]} does not match its sha256 in model_index.json")
         files[name] = known[name]
-    return diffusion, defaults, files, denoiser
+    return diffusion, defaults, files, denoiser, config
 
 
 def _check_options(steps, sampler, sigma_schedule, guidance_scale) -> None:

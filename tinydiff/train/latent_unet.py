@@ -11,6 +11,10 @@ Conditioning dropout (10%) swaps a caption's token states for the U-Net's learne
 which is what the pipeline's classifier-free guidance uses as "no prompt". The U-Net attends to
 all L token positions; padding positions carry zero vectors (the text encoder zeroes them), the
 same at training and sampling time.
+
+``conditioning="pooled"`` (the ablation of ``RecipeConfig.conditioning``) gives the U-Net only the
+text encoder's state at <eos>, at position 0 of an otherwise zero context
+(``pipeline.pooled_context``); the pipeline saved with it reads prompts the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..models.clip import TextEncoder
 from ..models.dit import DiT, DiTConfig
 from ..models.unet import UNet, UNetConfig
 from ..nn import no_grad
+from ..pipeline import check_conditioning, denoiser_context
 from ..text.tokenizer import Tokenizer
 from .clip import draw_captions
 from .diffusion import DiffusionTrainingConfig, diffusion_grads
@@ -72,18 +77,21 @@ def latent_dit_config(context_dim: int = 64, context_length: int = 16) -> DiTCon
 
 class CaptionConditioning:
     """Fresh captions for the batch's images (``clip.draw_captions``) → the frozen text encoder's
-    hidden states. ``data``: CaptionedDigits, or scenes (``tinydiff.data.scenes.SceneData``)."""
+    hidden states, as the denoiser's context under ``conditioning`` ("tokens": all of them;
+    "pooled": <eos>'s alone, ``pipeline.pooled_context``). ``data``: CaptionedDigits, or scenes
+    (``tinydiff.data.scenes.SceneData``)."""
 
-    def __init__(self, text_encoder: TextEncoder, tokenizer: Tokenizer, data):
+    def __init__(self, text_encoder: TextEncoder, tokenizer: Tokenizer, data, conditioning: str = "tokens"):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.data = data
+        self.conditioning = check_conditioning(conditioning)
 
     def encode(self, indices, generator):
         captions = draw_captions(self.data, indices, generator)
         tokens = self.tokenizer.encode(captions)
         with no_grad():
             hidden, _ = self.text_encoder(tokens.ids, tokens.mask)  # (B, L, D)
-        return hidden, None
+        return denoiser_context(hidden, tokens.mask, self.conditioning), None  # (B, L, D)
 
     def backward(self, dcontext):
         """The text encoder is frozen: its gradient is not needed."""
@@ -91,17 +99,19 @@ class CaptionConditioning:
 
 def train_latent_unet(unet: UNet | DiT, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, train_data,
                       loop: LoopConfig, diffusion: DiffusionTrainingConfig | None = None, *, checkpoint_path=None,
-                      resume: bool = False, callback=None, stop_at: int | None = None, threads: int = 1) -> dict:
+                      resume: bool = False, callback=None, stop_at: int | None = None, threads: int = 1,
+                      conditioning: str = "tokens") -> dict:
     """Train ``unet`` (a U-Net or a DiT) on the VAE latents of ``train_data`` (CaptionedDigits) with caption contexts;
-    ``threads`` CPU cores share each batch (``diffusion_grads``: this process and worker processes)."""
+    ``threads`` CPU cores share each batch (``diffusion_grads``: this process and worker processes).
+    ``conditioning``: "tokens" or "pooled" (``CaptionConditioning``), recorded in the checkpoint's config."""
     diffusion = diffusion or DiffusionTrainingConfig()
     latents = vae.encode_for_diffusion(train_data.images)  # (N, 4, 8, 8), computed once: the VAE is frozen
-    conditioning = CaptionConditioning(text_encoder, tokenizer, train_data)
+    conditioning = CaptionConditioning(text_encoder, tokenizer, train_data, conditioning)
     grads = diffusion_grads(unet, latents, diffusion, conditioning, threads=threads)
     try:
         return train_loop(unet, grads, loop, checkpoint_path=checkpoint_path, resume=resume, kind=CHECKPOINT_KIND,
                           model_config={"dit" if isinstance(unet, DiT) else "unet": unet.config.to_dict(),
-                                        "diffusion": diffusion.to_dict()},
+                                        "diffusion": diffusion.to_dict(), "conditioning": conditioning.conditioning},
                           callback=callback, stop_at=stop_at)
     finally:
         grads.close()  # the worker processes end with the stage

@@ -29,9 +29,16 @@ checkpoints exist; until then ``train_mnist_captions`` returns None.
 **Scenes** (``RecipeConfig.data = "scenes"``, ``tinydiff train mnist-scenes``): the same stages
 on ``scene_count`` scenes of several training digits (``tinydiff.data.scenes``: "a 3 left of a
 7", "two 7s", "the number 42", "a small 5"), with the scenes' tokenizer, so that the failures
-of compositional prompts can be measured (``tinydiff.evaluate_scenes``). Scenes use the whole
-32×32 canvas: read a scene pipeline's pictures with ``evaluate_scenes.pipeline_generator``,
-which decodes them uncropped.
+of compositional prompts can be measured (``tinydiff.evaluate_scenes``, ``tinydiff eval``).
+Scenes use the whole 32×32 canvas: their pipeline is saved with ``image_size=32``
+(``pipeline.PipelineConfig``), so it returns the canvas uncropped.
+
+**Pooled conditioning** (``RecipeConfig.conditioning = "pooled"``, ``tinydiff train mnist-scenes
+--conditioning pooled``): the ablation of the denoiser's text input. It reads only the text
+encoder's state at <eos> (``pipeline.pooled_context``) instead of every token's, in training and,
+saved in the pipeline's manifest, in sampling. With ``encoders`` (``--encoders MODEL``) it reuses
+a finished run's text encoder and VAE and trains the denoiser alone, so the two runs differ in
+the conditioning only. The lcm stage distils with token conditioning and is not offered.
 
 Folder layout::
 
@@ -59,12 +66,12 @@ import numpy as np
 from ..backend import blas_threads, cpu_count
 from ..config import ConfigMixin
 from ..io import load_checkpoint, load_json, save_json
-from ..data.scenes import SHOWCASE_PROMPTS, load_scene_data, scene_tokenizer
-from ..evaluate_scenes import pipeline_generator
+from ..data.mnist import IMAGE_SIZE
+from ..data.scenes import CANVAS, SHOWCASE_PROMPTS, load_scene_data, scene_tokenizer
 from ..models.clip import CLIPConfig, TextEncoderConfig
 from ..models.dit import DiT
 from ..models.unet import UNet
-from ..pipeline import TextToImagePipeline
+from ..pipeline import PipelineConfig, TextToImagePipeline, check_conditioning
 from ..text.tokenizer import Tokenizer
 from .autoencoder import default_loop as vae_default_loop
 from .autoencoder import load_autoencoder, train_autoencoder
@@ -102,6 +109,7 @@ class RecipeConfig(ConfigMixin):
     lcm_loss: str = "huber"  # the distance of the consistency loss: huber (pseudo-Huber) or l2
     data: str = "digits"  # DATASETS: single captioned digits, or scenes of several (tinydiff.data.scenes)
     scene_count: int = 30000  # data="scenes": training scenes drawn (train_subset, if set, instead)
+    conditioning: str = "tokens"  # the denoiser's text input: every token state, or "pooled" (<eos>'s alone)
 
 
 def quick_recipe() -> RecipeConfig:
@@ -124,9 +132,17 @@ def dit_recipe() -> RecipeConfig:
 
 def recipe_stages(config: RecipeConfig) -> tuple[str, ...]:
     """The stages ``config`` can run, in order: clip and vae (unless ``encoders`` replaces them),
-    the denoiser stage (``unet`` or ``dit``), and lcm for a U-Net."""
+    the denoiser stage (``unet`` or ``dit``), and lcm for a U-Net with token conditioning."""
     first = () if config.encoders else ("clip", "vae")
-    return first + (config.denoiser,) + (("lcm",) if config.denoiser == "unet" else ())
+    lcm = config.denoiser == "unet" and config.conditioning == "tokens"
+    return first + (config.denoiser,) + (("lcm",) if lcm else ())
+
+
+def pipeline_config(config: RecipeConfig) -> PipelineConfig:
+    """The pipeline settings a run saves: scenes return the whole 32×32 canvas, digits their
+    28×28 crop; the denoiser reads prompts as it was trained to (``conditioning``)."""
+    return PipelineConfig(image_size=CANVAS if config.data == "scenes" else IMAGE_SIZE,
+                          conditioning=config.conditioning)
 
 
 class RecipeError(RuntimeError):
@@ -168,6 +184,10 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         raise RecipeError(f"unknown denoiser {config.denoiser!r}; valid: {', '.join(DENOISERS)}")
     if config.data not in DATASETS:
         raise RecipeError(f"unknown data {config.data!r}; valid: {', '.join(DATASETS)}")
+    try:
+        check_conditioning(config.conditioning)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     den = config.denoiser  # the denoiser stage's name: "unet" or "dit"
     valid = recipe_stages(config)
     stages = [s for s in valid if s != "lcm"] if stages is None else stages
@@ -253,6 +273,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         vae = _require(load_autoencoder, paths["vae"], "vae")
     diffusion = DiffusionTrainingConfig(schedule=config.schedule, batch_size=config.unet_batch_size,
                                         loss_weighting=config.loss_weighting)
+    if paths[den].exists():  # resumed or reused: it must have been trained with this run's conditioning
+        trained = load_checkpoint(paths[den])[1]["config"].get("conditioning", "tokens")
+        if trained != config.conditioning:
+            raise RecipeError(f"{paths[den]} was trained with {trained} conditioning, this run asks for "
+                              f"{config.conditioning}; pass --conditioning {trained}, or choose another --out")
     make_config = latent_unet_config if den == "unet" else latent_dit_config
     unet = (UNet if den == "unet" else DiT)(make_config(text_encoder.config.width, tokenizer.max_length),
                                             seed=config.seed)  # a U-Net or a DiT: the same interface
@@ -264,7 +289,8 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
             result = train_latent_unet(unet, vae, text_encoder, tokenizer, train,
                                        _stage_loop(unet_loop, config.unet_steps, config.seed), diffusion,
                                        checkpoint_path=paths[den], resume=resume, callback=cb,
-                                       threads=cpu_count() if config.threads is None else config.threads)
+                                       threads=cpu_count() if config.threads is None else config.threads,
+                                       conditioning=config.conditioning)
             result["ema"].copy_to(unet)  # sample with the averaged weights
             return result
 
@@ -284,13 +310,13 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
                              checkpoint_path=paths["lcm"], resume=resume, callback=cb, seed=config.seed)
 
         student = run_stage("lcm", config.lcm_steps, fit_lcm)["student"]
-    elif den == "unet" and "unet" not in stages and paths["lcm"].exists():  # keep a student of this same U-Net
+    elif "lcm" in valid and "unet" not in stages and paths["lcm"].exists():  # keep a student of this same U-Net
         student = make_student(unet)
         student.load_state_dict(checkpoint_weights(load_checkpoint(paths["lcm"])[0], "last", path=paths["lcm"]))
 
     # -- assemble, save, and look --------------------------------------------------------------
     pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(),
-                               image_encoder=image_encoder, lcm_unet=student)
+                               image_encoder=image_encoder, lcm_unet=student, config=pipeline_config(config))
     model_dir = out / model_folder_name(config)
     pipe.save_pretrained(model_dir)
     record["pipeline"] = str(model_dir)
@@ -355,12 +381,9 @@ def _sample_grid(pipe, path: Path, per_digit: int, *, scenes: bool = False, **op
     from ..text.captions import zero_shot_prompts
     from ..viz import image_grid, save_figure
 
-    if scenes:  # the whole 32×32 canvas: decoded uncropped
-        prompts = [p for p in SHOWCASE_PROMPTS for _ in range(per_digit)]
-        images = pipeline_generator(pipe, **options)(prompts)
-    else:
-        prompts = [p for p in zero_shot_prompts() for _ in range(per_digit)]
-        images = pipe(prompts, seed=0, **options)
+    rows = SHOWCASE_PROMPTS if scenes else zero_shot_prompts()
+    prompts = [p for p in rows for _ in range(per_digit)]
+    images = pipe(prompts, seed=0, **options)  # (N, 28, 28) digits, (N, 32, 32) scenes: the pipeline's image_size
     fig = image_grid(images, ncols=per_digit * 2)
     save_figure(fig, path)
     plt.close(fig)
