@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from tinydiff.backend import rng, to_device, to_numpy
+from tinydiff.data.mnist import step_batches
+from tinydiff.data.scenes import TOKEN_SLOTS, load_scene_data, scene_tokenizer, token_slot_labels
 from tinydiff.metrics import caption_content_key, evaluate_clip, prompt_choice_accuracy, retrieval_recall_at_1
 from tinydiff.models.clip import CLIP, CLIPConfig, ImageEncoder, ImageEncoderConfig, TextEncoderConfig
 from tinydiff.nn import gradcheck, gradcheck_module, manual_seed
 from tinydiff.text import Tokenizer
 from tinydiff.text.captions import ATTRIBUTE_DTYPE, BOLD, DIGIT_WORDS, LEFT, RIGHT, THIN
 from tinydiff.text.tokenizer import PAD_ID
-from tinydiff.data.scenes import TOKEN_SLOTS, load_scene_data, scene_tokenizer, token_slot_labels
 from tinydiff.train.clip import (
-    CaptionedDigits, SlotCLIP, load_captioned_mnist, load_clip, slot_accuracy, train_clip,
+    CaptionedDigits, SlotCLIP, draw_captions, load_captioned_mnist, load_clip, slot_accuracy, train_clip,
 )
 from tinydiff.train.loop import LoopConfig
 
@@ -395,6 +396,21 @@ def test_slots_training_reduces_the_slot_loss():
     assert np.mean(slot_losses[-10:]) < 0.6 * np.mean(slot_losses[:10]), slot_losses
     for log in logs:  # the loop's loss is the sum the objective says
         assert log["loss"] == pytest.approx(log["contrastive_loss"] + log["slot_loss"], rel=1e-6)
+
+
+def test_a_slots_step_scores_the_labels_of_its_own_captions():
+    """The first step's logged terms are those of the initial SlotCLIP on that step's batch, with
+    the labels of the very captions drawn for it (batch order and captions rebuilt by hand)."""
+    data, logs = _scene_data(), []
+    train_clip(tiny_scene_config(), _loop(1), batch_size=16, data=data, tokenizer=SCENE_TOKENIZER,
+               text_objective="slots", callback=logs.append)
+    idx = step_batches(len(data.images), 16, seed=1)(0)  # train_clip: loop.seed + 1
+    captions = draw_captions(data, idx, rng(0))  # the loop's generator, seeded with loop.seed
+    batch, targets = SCENE_TOKENIZER.encode(captions), token_slot_labels(captions, SCENE_TOKENIZER)
+    model = SlotCLIP(tiny_scene_config(), seed=0)
+    loss = model(data.images[idx], batch.ids, batch.mask, targets.labels, targets.mask)
+    assert logs[0]["loss"] == loss
+    assert (logs[0]["slot_loss"], logs[0]["slot_accuracy"]) == (model.terms["slot_loss"], model.terms["slot_accuracy"])
 
 
 def test_slots_checkpoint_resumes_exactly_and_load_clip_drops_the_head(tmp_path):
