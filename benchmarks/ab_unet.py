@@ -8,14 +8,14 @@ Each tree's ``tinydiff`` package is imported under its own name (``tinydiff_v0``
 live in this one process; modules that name ``tinydiff`` absolutely (text/, data/) are shared, the
 layers, models and backend (relative imports) are each version's own. Each version builds the
 latent U-Net from the same seed; each round then times one pass of every workload on every
-version, the order alternating between rounds, with this thread's CPU time (``time.thread_time``).
+version, the order alternating between rounds, with this thread's CPU time (``time.thread_time``) and the wall clock.
 On a machine shared with other work the load changes from second to second: alternating pass by
 pass in one process lets both versions see the same load, which separate processes do not.
 
 Workloads: ``forward128`` (sampling: a ``no_grad`` forward on 128 rows), ``forward8``, ``forward1``
 (Python's dispatch alone), ``train64`` (zero_grad, forward and backward of ½‖out‖² at batch 64).
-Printed: per workload every round's times, the median of each version and the median of the
-per-round ratios. Before timing, every version's outputs (and for train64 its gradients) are
+Printed: per workload every round's CPU times, and for CPU and wall time the median of each
+version and the median of the per-round ratios. Before timing, every version's outputs (and for train64 its gradients) are
 compared with the first version's: equal to ``--tolerance`` (relative to the largest value;
 default 0, bit for bit).
 """
@@ -109,20 +109,22 @@ def main() -> None:
         for run in runs:  # warm-up: workspaces, caches
             run[name]()
     for name in workloads:
-        times = [[] for _ in versions]
+        cpu, wall = [[] for _ in versions], [[] for _ in versions]
         for r in range(args.rounds):
             order = range(len(versions)) if r % 2 == 0 else reversed(range(len(versions)))
             for i in order:
-                start = time.thread_time()
+                start, start_wall = time.thread_time(), time.perf_counter()
                 runs[i][name]()
-                times[i].append(1e3 * (time.thread_time() - start))
+                cpu[i].append(1e3 * (time.thread_time() - start))
+                wall[i].append(1e3 * (time.perf_counter() - start_wall))
         print(f"{name}, CPU ms per pass, every round:")
-        for version, ts in zip(versions, times):
+        for version, ts in zip(versions, cpu):
             print(f"  {version['tree']}: " + " ".join(f"{t:.1f}" for t in ts))
-        medians = [statistics.median(ts) for ts in times]
-        ratios = [statistics.median(b / a for a, b in zip(times[0], ts)) for ts in times[1:]]
-        print(f"  median {' → '.join(f'{m:.2f}' for m in medians)} ms; median of the per-round ratios "
-              + " ".join(f"{r:.3f}" for r in ratios), flush=True)
+        for what, times in (("CPU", cpu), ("wall", wall)):
+            medians = [statistics.median(ts) for ts in times]
+            ratios = [statistics.median(b / a for a, b in zip(times[0], ts)) for ts in times[1:]]
+            print(f"  {what}: median {' → '.join(f'{m:.2f}' for m in medians)} ms; median of the per-round ratios "
+                  + " ".join(f"{r:.3f}" for r in ratios), flush=True)
 
 
 if __name__ == "__main__":
