@@ -302,3 +302,62 @@ def test_in_place_sums_never_write_into_inputs_outputs_or_upstream_gradients(nam
         results.append([out] + [g for g in grads if g is not None] + [p.grad.copy() for p in layer.parameters()])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- GroupNorm → SiLU in inference
+
+def _group_norm_silu_inputs(shape, channels, seed):
+    """x with a mean far from zero and uneven scales; γ, β neither ones nor zeros (each term matters)."""
+    gen = np.random.default_rng(seed)
+    x = 3.0 * gen.standard_normal(shape) + gen.standard_normal((1, channels) + (1,) * (len(shape) - 2)) + 1.5
+    return x, gen.uniform(0.5, 2.0, channels) * gen.choice([-1, 1], channels), gen.standard_normal(channels)
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 8, 4, 4), 4), ((2, 6, 5), 3), ((2, 4, 3, 2), 1), ((2, 4, 3, 3), 4)])
+def test_fused_group_norm_silu_equals_the_two_layers_in_float64(shape, groups):
+    from tinydiff.nn import fast_norm
+    from tinydiff.nn import functional as F
+
+    x, gamma, beta = _group_norm_silu_inputs(shape, shape[1], seed=sum(shape))
+    want = F.silu_forward(F.group_norm_forward(x, groups, gamma, beta, 1e-5)[0])[0]
+    got = fast_norm.group_norm_silu_forward(x, groups, gamma, beta, 1e-5)
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_group_norm_silu_in_float32_is_within_rounding_of_float64():
+    from tinydiff.nn import fast_norm
+
+    x, gamma, beta = _group_norm_silu_inputs((16, 32, 8, 8), 32, seed=1)
+    exact = fast_norm.group_norm_silu_forward(x, 8, gamma, beta)
+    got = fast_norm.group_norm_silu_forward(x.astype(np.float32), 8, gamma.astype(np.float32), beta.astype(np.float32))
+    assert got.dtype == np.float32
+    assert np.abs(got - exact).max() / np.abs(exact).max() < 1e-6
+
+
+def test_group_norm_silu_runs_fused_only_in_inference_on_the_fast_path(monkeypatch):
+    """With caches wanted (training) or under ``use_reference`` the two layers run and keep their
+    caches; in ``no_grad`` the fused function runs and neither layer can run backward after it."""
+    from tinydiff.nn import GroupNorm, SiLU, fast_norm, group_norm_silu, no_grad
+
+    calls = []
+    original = fast_norm.group_norm_silu_forward
+    monkeypatch.setattr(fast_norm, "group_norm_silu_forward", lambda *a: calls.append(1) or original(*a))
+    norm, act = GroupNorm(2, 4).double(), SiLU()
+    x, gamma, beta = _group_norm_silu_inputs((2, 4, 3, 3), 4, seed=2)
+    norm.weight.data[...], norm.bias.data[...] = gamma, beta
+    want = act(norm(x))
+    np.testing.assert_array_equal(group_norm_silu(norm, act, x), want)  # caches kept: the layers ran
+    assert calls == []
+    norm.backward(act.backward(np.ones_like(want)))  # both caches were there
+    with no_grad(), backend.use_reference():
+        np.testing.assert_array_equal(group_norm_silu(norm, act, x), want)
+    assert calls == []
+    group_norm_silu(norm, act, x)
+    with no_grad():
+        np.testing.assert_allclose(group_norm_silu(norm, act, x), want, rtol=1e-12, atol=1e-12)
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="without a forward pass"):
+        act.backward(np.ones_like(want))
+    with pytest.raises(ValueError, match="expects 4 features"), no_grad():
+        group_norm_silu(norm, act, x[:, :3])

@@ -29,7 +29,8 @@ used. The U-Net sums the dtemb of every ResBlock and the dcontext of every cross
 
 from __future__ import annotations
 
-from ..nn import GELU, Attention, Conv2d, GroupNorm, LayerNorm, Linear, Module, ModuleList, Sequential, SiLU, Upsample
+from ..nn import (GELU, Attention, Conv2d, GroupNorm, LayerNorm, Linear, Module, ModuleList, Sequential, SiLU, Upsample,
+                  group_norm_silu)
 
 
 def add_grads(total, grad):
@@ -75,12 +76,12 @@ class ResBlock(Module):
             built = "without" if self.time_emb_proj is None else "with"
             raise ValueError(f"this ResBlock was built {built} a time embedding (temb_channels) but got "
                              f"temb={None if temb is None else tuple(temb.shape)}")
-        h = self.conv1(self.act1(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv1(group_norm_silu(self.norm1, self.act1, x))  # act1(norm1(x)): (B, C_out, H, W)
         if temb is not None:
             shift = self.time_emb_proj(self.time_act(temb))  # (B, C_out): one number per channel
             h += shift[:, :, None, None]  # (B, C_out, 1, 1) broadcast over H, W; h is conv1's new output
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return residual(self.conv2(self.act2(self.norm2(h))), skip)
+        return residual(self.conv2(group_norm_silu(self.norm2, self.act2, h)), skip)
 
     def backward(self, dout):
         # The residual sum sends dout unchanged down both branches.

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from ..backend import DEFAULT_DTYPE, get_xp, rng, to_device
 from ..config import ConfigMixin
-from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU
+from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU, group_norm_silu
 from .blocks import Downsample2D, ResBlock, SpatialTransformer, TransformerBlock, Upsample2D, add_grads
 from .embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 
@@ -293,7 +293,7 @@ class UNet(Module):
         h = self.mid_block(h, temb, context, context_mask)
         for block in self.up_blocks:
             h = block(h, temb, context, context_mask, skips)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, C_out, H, W)
+        return self.conv_out(group_norm_silu(self.conv_norm_out, self.conv_act, h))  # (B, C_out, H, W)
 
     def backward(self, dout):
         dh = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(dout)))

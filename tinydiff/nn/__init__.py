@@ -2,7 +2,19 @@
 
 from . import functional
 from .gradcheck import gradcheck, gradcheck_module
-from .layers import GELU, Attention, Conv2d, Dropout, Embedding, GroupNorm, LayerNorm, Linear, SiLU, Upsample
+from .layers import (
+    GELU,
+    Attention,
+    Conv2d,
+    Dropout,
+    Embedding,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    SiLU,
+    Upsample,
+    group_norm_silu,
+)
 from .losses import cross_entropy, gaussian_kl, info_nce_loss, mse_loss
 from .module import (
     Module,
@@ -20,7 +32,7 @@ from .optim import EMA, AdamW, clip_grad_norm, warmup_cosine_lr
 __all__ = [
     "AdamW", "Attention", "Conv2d", "Dropout", "EMA", "Embedding", "GELU", "GroupNorm", "LayerNorm",
     "Linear", "Module", "ModuleList", "Parameter", "Sequential", "SiLU", "StateDictError", "Upsample",
-    "clip_grad_norm", "cross_entropy", "functional", "gaussian_kl", "gradcheck", "gradcheck_module",
+    "clip_grad_norm", "cross_entropy", "functional", "gaussian_kl", "gradcheck", "gradcheck_module", "group_norm_silu",
     "info_nce_loss", "is_grad_enabled", "manual_seed", "mse_loss", "no_grad", "to_state_arrays",
     "warmup_cosine_lr",
 ]

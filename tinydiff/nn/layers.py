@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 
-from ..backend import DEFAULT_DTYPE, default_xp, fast_or_reference, rng
-from . import conv, fast_conv
+from ..backend import DEFAULT_DTYPE, default_xp, fast_or_reference, reference_enabled, rng
+from . import conv, fast_conv, fast_norm
 from . import functional as F
-from .module import Module, Parameter, init_generator, uniform_init
+from .module import Module, Parameter, init_generator, is_grad_enabled, uniform_init
 
 
 class Linear(Module):
@@ -165,6 +165,18 @@ class SiLU(Module):
 
     def backward(self, dout):
         return F.silu_backward(dout, self._take())
+
+
+def group_norm_silu(norm: GroupNorm, act: SiLU, x):
+    """``act(norm(x))``, a GroupNorm followed by SiLU. In inference mode (``no_grad``), unless the
+    reference implementations are on, one fused computation that keeps no cache
+    (``fast_norm.group_norm_silu_forward``); otherwise the two layers, keeping their caches."""
+    if is_grad_enabled() or reference_enabled():
+        return act(norm(x))
+    norm._check_input(x, norm.weight.data, None, norm.num_channels, 1, "(N, C, ...)")
+    norm._keep(None)  # as their own forward in no_grad: neither layer can run backward now
+    act._keep(None)
+    return fast_norm.group_norm_silu_forward(x, norm.num_groups, norm.weight.data, norm.bias.data, norm.eps)
 
 
 class GELU(Module):
