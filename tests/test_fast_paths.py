@@ -361,3 +361,58 @@ def test_group_norm_silu_runs_fused_only_in_inference_on_the_fast_path(monkeypat
         act.backward(np.ones_like(want))
     with pytest.raises(ValueError, match="expects 4 features"), no_grad():
         group_norm_silu(norm, act, x[:, :3])
+
+
+# --------------------------------------------------------------------------- attention
+
+def _attention_inputs(b, h, lq, lk, d, dv, dtype, seed):
+    gen = np.random.default_rng(seed)
+    q, k = (3 * gen.standard_normal((b, h, n, d)).astype(dtype) for n in (lq, lk))
+    return q, k, gen.standard_normal((b, h, lk, dv)).astype(dtype)
+
+
+ATTENTION_MASKS = {
+    "none": None,
+    "keys": np.array([[True, False, True, True, False], [False, False, False, False, False]])[:, None, None, :],
+    "full": np.random.default_rng(0).random((2, 3, 4, 5)) < 0.6,  # a different mask per query and head
+}
+
+
+@pytest.mark.parametrize("mask_name", list(ATTENTION_MASKS))
+def test_fast_attention_equals_the_reference_in_float64(mask_name):
+    """Forward (output and P, the second image's queries fully masked in "keys") and the backward
+    run on each one's cache: equal to rounding, with Lq ≠ Lk and dv ≠ d."""
+    from tinydiff.nn import attention, fast_attention
+
+    mask = ATTENTION_MASKS[mask_name]
+    q, k, v = _attention_inputs(2, 3, 4, 5, 6, 7, np.float64, seed=1)
+    out_ref, cache_ref = attention.attention_forward(q, k, v, mask)
+    out, cache = fast_attention.attention_forward(q, k, v, mask)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cache.p, cache_ref.p, rtol=1e-12, atol=1e-15)
+    assert cache.p.shape == (2, 3, 4, 5)
+    dout = np.random.default_rng(2).standard_normal(out.shape)
+    for got, want in zip(attention.attention_backward(dout, cache), attention.attention_backward(dout, cache_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_attention_in_float32_is_within_rounding_and_the_switch_selects_the_reference(monkeypatch):
+    """The U-Net's attention shape in float32; ``nn.functional.attention_forward`` is the fast one,
+    and under ``use_reference`` it runs ``attention.attention_forward`` itself."""
+    from tinydiff.nn import attention, fast_attention
+    from tinydiff.nn import functional as F
+
+    q, k, v = _attention_inputs(8, 4, 16, 16, 8, 8, np.float32, seed=3)
+    exact, _ = attention.attention_forward(*(a.astype(np.float64) for a in (q, k, v)))
+    out, cache = F.attention_forward(q, k, v)
+    assert out.dtype == cache.p.dtype == np.float32
+    assert np.abs(out - exact).max() / np.abs(exact).max() < 1e-6
+    calls = []
+    original = attention.attention_forward
+    monkeypatch.setattr(attention, "attention_forward", lambda *a: calls.append(1) or original(*a))
+    F.attention_forward(q, k, v)
+    assert calls == []
+    with backend.use_reference():
+        out_ref, _ = F.attention_forward(q, k, v)
+    assert calls == [1]
+    assert F.attention_forward is fast_attention.attention_forward

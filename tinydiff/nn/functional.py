@@ -1,7 +1,9 @@
 """Every hand-written forward/backward pair in one namespace: ``from tinydiff.nn import functional as F``.
 
 Convention (cs231n): ``F.NAME_forward(inputs...) -> (out, cache)`` and
-``F.NAME_backward(dout, cache) -> gradients``; caches are NamedTuples.
+``F.NAME_backward(dout, cache) -> gradients``; caches are NamedTuples. ``attention_forward`` is
+``fast_attention``'s, which runs the reference ``attention.attention_forward`` under
+``backend.use_reference()``.
 """
 
 from .activations import (
@@ -15,7 +17,8 @@ from .activations import (
     softmax_backward,
     softmax_forward,
 )
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward
+from .fast_attention import attention_forward  # attention.attention_forward's numbers, faster (use_reference: it)
 from .broadcast import unbroadcast
 from .conv import (
     conv2d_backward,
