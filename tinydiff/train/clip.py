@@ -103,6 +103,14 @@ class SlotCLIP(CLIP):
     hidden states at the masked positions only; a batch without any (N = 0) has L_slots = 0.
     After forward, ``terms`` holds the two losses and the head's accuracy on the batch.
 
+    Backward, with z = W h + c the logits (N, K) and p = softmax(z):
+
+        ∂L/∂z = λ (p − onehot(y)) / N,   ∂L/∂W = (∂L/∂z)ᵀ h,   ∂L/∂c = Σ_n ∂L/∂z_n,
+        ∂L/∂h_bt = Wᵀ ∂L/∂z_bt at the labelled tokens, 0 at every other position,
+
+    and ∂L/∂h goes into the text encoder together with InfoNCE's gradient at the pooled <eos>
+    (``CLIP.backward(d_hidden=...)``), so the encoder learns from both.
+
     The encoders and log s start from exactly the weights of ``CLIP(config, seed)``: the head
     draws its initial weights from a generator of its own.
     """
