@@ -16,7 +16,7 @@ elementwise maxima (or sums) of contiguous rows of B·heads·Lq numbers each, at
 The subtraction of the maximum, the exponential and the division follow in the same layout, and
 P is handed on as the transposed view ``Pᵀ.T`` (B, heads, Lq, Lk), which the matrix product
 P V reads directly (each (Lq, Lk) slice is a column-major matrix to BLAS). The attention core ran
-about 2× faster at the U-Net's shapes (benchmarks/README.md).
+about 2× faster at the U-Net's shapes (64 images: 0.45 → 0.20 ms on one core).
 
 The maxima are the same numbers; the sums of the exponentials add in another order, so P and O
 differ from the reference by float32 rounding (about 1e-7 relative).

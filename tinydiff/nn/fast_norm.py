@@ -13,7 +13,7 @@ and h is one multiply-add per number, with per-(image, channel) factors folded b
 
     h = a · (x − μ) + b,    a[n, c] = ½ γ_c s[n, group of c],   b[c] = ½ β_c
 
-So the computation is: the group sums for μ (one matrix-vector product), the centred copy
+So the computation is: the group sums for μ (one matrix-vector product, ``norm._sum_last``), the centred copy
 x − μ, Σ (x − μ)² (a row-wise dot product), h in place (two operations), tanh h, then (1 + tanh h) · h
 in place: eight NumPy operations over the activations and two new arrays, where GroupNorm then SiLU
 take eleven and four new arrays (x − μ turned into x̂, γ x̂ + β, σ(y) and y·σ(y)). The variance is still the mean of the *centred* squares (E[x²] − μ² would save a
@@ -24,6 +24,7 @@ layers' by float32 rounding only (x̂ is never formed; tested against them in fl
 from __future__ import annotations
 
 from ..backend import get_xp
+from .norm import _sum_last
 
 
 def group_norm_silu_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
@@ -34,8 +35,7 @@ def group_norm_silu_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
         raise ValueError(f"group_norm: {c} channels cannot be split into {num_groups} groups")
     rows = x.reshape(n * num_groups, -1)  # (N, C, *spatial) → (N·G, m): one group per row
     m = rows.shape[1]
-    mean = rows @ xp.full(m, 1.0 / m, dtype=x.dtype)  # (N·G,): Σ x / m as one matrix-vector product
-    h = rows - mean[:, None]  # x − μ, a new array (N·G, m)
+    h = rows - _sum_last(rows) / m  # x − μ, a new array (N·G, m); μ (N·G, 1) by a matrix-vector product
     var = xp.einsum("gk,gk->g", h, h) / m  # (N·G,): Σ (x − μ)² / m, no squared copy
     inv_std = 1.0 / xp.sqrt(var + eps)
     a = (0.5 * gamma).reshape(1, num_groups, -1) * inv_std.reshape(n, num_groups, 1)  # ½ γ s: (N, G, C/G)
