@@ -13,7 +13,10 @@ On a machine shared with other work the load changes from second to second: alte
 pass in one process lets both versions see the same load, which separate processes do not.
 
 Workloads: ``forward128`` (sampling: a ``no_grad`` forward on 128 rows), ``forward8``, ``forward1``
-(Python's dispatch alone), ``train64`` (zero_grad, forward and backward of ½‖out‖² at batch 64).
+(Python's dispatch alone), ``sample64`` (a ``no_grad`` forward on 64 rows that share one timestep
+and one context, as each of the two threads of the sample64 benchmark does: its 64 images at one
+step, with the prompt or the null context), ``train64`` (zero_grad, forward and backward of ½‖out‖²
+at batch 64).
 Printed: per workload every round's CPU times, and for CPU and wall time the median of each
 version and the median of the per-round ratios. Before timing, every version's outputs (and for train64 its gradients) are
 compared with the first version's: equal to ``--tolerance`` (relative to the largest value;
@@ -61,18 +64,18 @@ def make_workloads(version, workloads: list[str]):
     config, no_grad = version["config"], version["nn"].no_grad
     unet = version["models"].UNet(config, seed=0)
 
-    def inputs(rows):
+    def inputs(rows, sampling):
         gen = np.random.default_rng(0)
         x = gen.standard_normal((rows, config.in_channels, config.sample_size, config.sample_size)).astype(np.float32)
-        t = gen.uniform(0, 999, rows).astype(np.float32)
-        context = gen.standard_normal((rows, config.context_length, config.context_dim)).astype(np.float32)
-        return x, t, context
+        t = gen.uniform(0, 999, 1 if sampling else rows).astype(np.float32)
+        context = gen.standard_normal((1 if sampling else rows, config.context_length, config.context_dim)).astype(np.float32)
+        return x, np.repeat(t, rows // len(t)), np.repeat(context, rows // len(context), axis=0)
 
     runs = {}
     for name in workloads:
-        rows = int(name.removeprefix("forward").removeprefix("train"))
-        args = inputs(rows)
-        if name.startswith("forward"):
+        kind = re.match(r"[a-z]+", name).group()
+        args = inputs(int(name.removeprefix(kind)), sampling=kind == "sample")
+        if kind in ("forward", "sample"):
             def run(args=args):
                 with no_grad():
                     return [unet(*args)]
@@ -89,14 +92,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="+", help="source trees, each holding a tinydiff/ package; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=15, help="timed passes of each workload per version")
-    parser.add_argument("--workloads", default="forward128,train64", help="comma-separated: forwardN (N rows, no_grad), trainN")
+    parser.add_argument("--workloads", default="forward128,train64",
+                        help="comma-separated: forwardN (N rows, no_grad), sampleN (the same, one t and one context), trainN")
     parser.add_argument("--tolerance", type=float, default=0.0, help="largest relative difference allowed from the baseline's outputs")
     args = parser.parse_args()
 
     workloads = args.workloads.split(",")
     for name in workloads:
-        if not re.fullmatch(r"(forward|train)[1-9][0-9]*", name):
-            parser.error(f"unknown workload {name!r}: use forwardN or trainN, N the rows (e.g. forward128)")
+        if not re.fullmatch(r"(forward|sample|train)[1-9][0-9]*", name):
+            parser.error(f"unknown workload {name!r}: use forwardN, sampleN or trainN, N the rows (e.g. forward128)")
     versions = load_versions(args.trees)
     runs = [make_workloads(v, workloads) for v in versions]
     for name in workloads:
