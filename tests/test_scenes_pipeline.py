@@ -297,6 +297,16 @@ def test_sample_takes_every_kind_of_scene_caption_and_reports_unknown_words(scen
     assert_one_line_error(status, err, "never seen", "bold")
 
 
+def test_words_on_a_scenes_model_names_the_four_kinds_of_caption(scenes_folder, capsys):
+    status, out, _ = run(capsys, "words", "--model", scenes_folder)
+    assert status == 0 and "four kinds of caption" in out and "Slant" not in out
+    for example in ("a 3 left of a 7", "two 7s", "the number 42", "a small 5"):
+        parse_caption(example)
+        assert f'"{example}"' in out
+    status, out, _ = run(capsys, "words")  # the shipped digits model
+    assert status == 0 and "Slant" in out and "four kinds" not in out
+
+
 def test_the_editing_commands_refuse_a_scenes_model(scenes_folder, tmp_path, capsys):
     digits = tmp_path / "digits.npy"
     np.save(digits, np.zeros((1, 28, 28), np.uint8))

@@ -392,6 +392,7 @@ def _check_sampler_and_guidance(sampler: str | None, guidance: float | None) -> 
 
 
 def cmd_words(args) -> int:
+    from .evaluate_scenes import knows_scene_captions
     from .io import load_json
     from .pipeline import COMPONENT_FILES
     from .text.tokenizer import SYNONYMS, Tokenizer, vocabulary_groups
@@ -401,6 +402,11 @@ def cmd_words(args) -> int:
           f"a prompt holds at most {tokenizer.max_length - 2}):")
     for name, words in vocabulary_groups(tokenizer.words).items():
         print(f"  {name + ':':<13} {' '.join(words)}")
+    if knows_scene_captions(tokenizer):
+        print('A scenes model takes four kinds of caption: "a 3 left of a 7" (right of, above, below), "two 7s" '
+              '(three), "the number 42", "a small 5" (big).')
+        print('Example: tinydiff sample "a 3 left of a 7" --model MODEL')
+        return 0
     print('Slant is a phrase: "leaning left", "standing upright", "leaning right". '
           "An unqualified digit is of regular thickness.")
     offers: dict[tuple[str, ...], list[str]] = {}  # the suggestion → the unknown words that get it

@@ -285,12 +285,17 @@ def real_scenes_generator(*, split: str = "test", seed: int = 0,
     return generate
 
 
+def knows_scene_captions(tokenizer) -> bool:
+    """Whether ``tokenizer`` knows every word of the scene captions (``scenes.scene_vocabulary``:
+    "left", "above", "number", the numbers 10–99, …), which the digits' caption grammar lacks."""
+    return set(scene_vocabulary()) <= set(tokenizer.words)
+
+
 def is_scene_pipeline(pipe) -> bool:
-    """Whether ``pipe`` was trained on scenes: its tokenizer knows every word of the scene captions
-    (``scenes.scene_vocabulary``: "left", "above", "number", the numbers 10–99, …), which the
-    digits' caption grammar lacks. ``tinydiff eval`` then runs this module's evaluation, and
+    """Whether ``pipe`` was trained on scenes: its tokenizer knows the scene captions' words
+    (``knows_scene_captions``). ``tinydiff eval`` then runs this module's evaluation, and
     ``tinydiff sample`` takes only prompts of the scene grammar (``scenes.parse_caption``)."""
-    return set(scene_vocabulary()) <= set(pipe.tokenizer.words)
+    return knows_scene_captions(pipe.tokenizer)
 
 
 def pipeline_generator(pipe, *, seed: int = 0, progress: Callable[[int], None] | None = None,

@@ -55,7 +55,10 @@ before the section existed):
 * ``image_size``: the side of the pictures ``pipe(...)`` returns. The VAE decodes 32×32; 28
   crops that to the MNIST digits' native 28×28 (``mnist-captions``), 32 keeps the whole canvas,
   which the scenes of ``tinydiff.data.scenes`` fill ("a 3 left of a 7": ``tinydiff train
-  mnist-scenes`` saves 32).
+  mnist-scenes`` saves 32). A scenes pipeline draws any prompt of words it knows; ``tinydiff
+  sample`` takes only the four kinds of scene caption for it (``data.scenes.parse_caption``),
+  since a prompt such as "a 3 left of a 3 above a 7" was never seen in training and has no
+  defined picture.
 * ``conditioning``: what the denoiser reads of the prompt. "tokens" (Stable Diffusion's way):
   all L token states. "pooled": only the text encoder's state at <eos> (the state CLIP pools),
   at position 0 of an otherwise zero context (``pooled_context``) — the ablation that asks
