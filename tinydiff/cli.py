@@ -155,8 +155,9 @@ def _load_pipeline(model: str | None, backend: str | None):
 def _upgrade_command(folder: Path) -> str:
     """The one-line command that makes a scenes folder saved before the pipeline's image_size
     existed return the whole 32×32 canvas (it rewrites model_index.json alone)."""
-    return (f"python -c \"from tinydiff.pipeline import TextToImagePipeline as P; p = P.from_pretrained('{folder}'); "
-            f"p.config.image_size = 32; p.save_pretrained('{folder}', only=[])\"")
+    folder = repr(str(folder))  # a Python string literal
+    return (f"python -c \"from tinydiff.pipeline import TextToImagePipeline as P; p = P.from_pretrained({folder}); "
+            f"p.config.image_size = 32; p.save_pretrained({folder}, only=[])\"")
 
 
 def _check_scene_prompt(prompt: str) -> None:
@@ -234,7 +235,6 @@ def _load_for_sampling(args):
     """The pipeline of ``--model``, with the prompt, ``--negative``, ``--sampler`` and the σ grid
     checked against it before any sampling: (pipeline, steps, σ grid)."""
     from .diffusion.schedules import get_sigmas
-
     from .evaluate_scenes import is_scene_pipeline
 
     _use_backend(args.backend)
