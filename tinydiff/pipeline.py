@@ -560,12 +560,12 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     it the folder has the defaults (28×28 digits, token conditioning: every folder written before it).
 
     The manifest must be a JSON object with exactly the keys "format", "format_version",
-    "diffusion", "sampling_defaults" and "files" (besides the optional two). "files" maps every name of COMPONENT_FILES
-    (and, optionally, of OPTIONAL_FILES) to {"path": its fixed file name, "sha256": 64 hex
-    digits} and names nothing else; each file's bytes must hash to its sha256. The config
-    sections must be complete configs of the right types (the "pipeline" section: of known keys
-    and values). Any deviation is a CheckpointError
-    saying the folder was tampered with or damaged; a manifest of another format version says so.
+    "diffusion", "sampling_defaults" and "files" (besides the optional two). "files" maps every
+    name of COMPONENT_FILES (and, optionally, of OPTIONAL_FILES) to {"path": its fixed file name,
+    "sha256": 64 hex digits} and names nothing else; each file's bytes must hash to its sha256.
+    The config sections must be complete configs of the right types (the "pipeline" section: of
+    known keys and values). Any deviation is a CheckpointError saying the folder was tampered
+    with or damaged; a manifest of another format version says so.
     """
     index = folder / "model_index.json"
     try:
