@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from ..backend import DEFAULT_DTYPE, get_xp, rng, to_device
 from ..config import ConfigMixin
-from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU, group_norm_silu
+from ..nn import Conv2d, GroupNorm, Module, ModuleList, Parameter, SiLU, group_norm_silu, is_grad_enabled
 from .blocks import Downsample2D, ResBlock, SpatialTransformer, TransformerBlock, Upsample2D, add_grads
 from .embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 
@@ -210,6 +210,11 @@ class MidBlock(Module):
         return dh, dtemb_0 + dtemb_1, dcontext
 
 
+def _one_row(a) -> bool:
+    """Whether every row a[i] of the array ``a`` (B, ...) equals the first."""
+    return bool((a[1:] == a[:1]).all())
+
+
 def _named_modules(module: Module, prefix: str = ""):
     """(dotted name, module) for ``module`` and all its descendants."""
     yield prefix.rstrip("."), module
@@ -286,6 +291,11 @@ class UNet(Module):
             raise ValueError("this UNet has no guidance embedding (UNetConfig.guidance_embedding=False); "
                              "leave w out and use classifier-free guidance")
         temb = self.time_embedding(timestep_embedding(t, width), cond)  # (B, time_embed_dim)
+        if not is_grad_enabled() and context is not None and _one_row(context) and (
+                context_mask is None or _one_row(context_mask)):
+            # sampling: one prompt (or the null context) for the whole batch, so every cross-attention
+            # computes its keys and values once, from one row, broadcast over the batch
+            context, context_mask = context[:1], None if context_mask is None else context_mask[:1]
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
