@@ -43,12 +43,13 @@ def _inputs(n, c, o, h, w, kernel, dtype, seed=0):
 
 @pytest.fixture(params=["winograd", "im2col"])
 def small_batch_path(request, monkeypatch):
-    """Both paths of a 3×3 'same' convolution of a small batch: Winograd (its size threshold
-    lowered to 0) and im2col (the default below ``WINOGRAD_MIN_ROWS`` tiles)."""
+    """Both paths of a 3×3 'same' convolution of a small batch: Winograd (its thresholds of tiles
+    and of channels lowered to 0) and im2col (the default below ``WINOGRAD_MIN_ROWS`` tiles)."""
     if request.param == "winograd":
         monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_ROWS", 0)
+        monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_PRODUCT_PER_PIXEL", 0)
     one_tile = np.zeros((1, 1, 2, 2))
-    assert fast_conv._winograd_applies(one_tile, 3, 3, 1, 1, 1) == (request.param == "winograd")
+    assert fast_conv._winograd_applies(one_tile, 1, 3, 3, 1, 1, 1) == (request.param == "winograd")
     return request.param
 
 
@@ -80,7 +81,7 @@ def test_winograd_conv2d_in_float32_is_within_rounding_of_the_reference(n, c, o,
     exact, cache64 = conv.conv2d_forward(x.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), 1, 1)
     out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
     assert out.dtype == np.float32
-    assert fast_conv._winograd_applies(x, 3, 3, 1, 1, 1)
+    assert fast_conv._winograd_applies(x, o, 3, 3, 1, 1, 1)
     assert np.abs(out - exact).max() / np.abs(exact).max() < 1e-5
     dout = np.random.default_rng(2).standard_normal(out.shape)
     dx_exact, dw_exact, _ = conv.conv2d_backward(dout, cache64)
@@ -94,6 +95,7 @@ def test_winograd_scratch_reuse_keeps_the_zero_padding(monkeypatch):
     """The Winograd path reuses one scratch buffer for every layer; a call on a large image leaves
     numbers where a smaller image's padding lies, and the padding must read as zeros anyway."""
     monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_ROWS", 0)
+    monkeypatch.setattr(fast_conv, "WINOGRAD_MIN_PRODUCT_PER_PIXEL", 0)
     big, _, _ = _inputs(2, 3, 4, 8, 8, 3, np.float64, seed=5)
     x, weight, bias = _inputs(3, 3, 4, 4, 4, 3, np.float64, seed=6)
     want = conv.conv2d_forward(x, weight, bias, 1, 1)[0]
@@ -102,19 +104,25 @@ def test_winograd_scratch_reuse_keeps_the_zero_padding(monkeypatch):
         np.testing.assert_allclose(fast_conv.conv2d_forward(x, weight, bias, 1, 1)[0], want, rtol=1e-12, atol=1e-12)
 
 
-def test_winograd_runs_from_its_threshold_of_tiles_and_im2col_below_it(monkeypatch):
-    """A batch of fewer than ``WINOGRAD_MIN_ROWS`` tiles (N·H/2·W/2) runs im2col, one of that many
-    Winograd: counted by the calls each makes, forward and backward (dx and dW)."""
+@pytest.mark.parametrize("n,c,o,size,winograd", [
+    (7, 32, 32, 8, False), (8, 32, 32, 8, True),  # 16 tiles per image: 112, then 128 (WINOGRAD_MIN_ROWS)
+    (8, 32, 31, 8, False),  # C·O = 992 < 16·8·8 (WINOGRAD_MIN_PRODUCT_PER_PIXEL)
+    (32, 8, 8, 4, False), (32, 16, 16, 4, True),  # 4 tiles per image at 4×4, and C·O against 16·4·4 = 256
+    (2, 32, 32, 16, False), (2, 64, 64, 16, True),  # 16×16: 64 tiles per image, C·O against 4,096
+])
+def test_winograd_runs_from_its_thresholds_of_tiles_and_channels_and_im2col_below(monkeypatch, n, c, o, size,
+                                                                                   winograd):
+    """A batch of fewer than ``WINOGRAD_MIN_ROWS`` tiles (N·H/2·W/2), or with fewer channels than
+    the image's size asks for, runs im2col, else Winograd: counted by the calls each makes,
+    forward and backward (dx by the transposed convolution, whose C and O swap, and dW)."""
     calls = []
     for name in ("_winograd_3x3", "_winograd_weight_grad", "_im2col_chunks"):
         original = getattr(fast_conv, name)
         monkeypatch.setattr(fast_conv, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    for n, expected in [(7, {"_im2col_chunks"}), (8, {"_winograd_3x3", "_winograd_weight_grad"})]:
-        x, weight, bias = _inputs(n, 3, 4, 8, 8, 3, np.float64)  # 16 tiles per image: 112, then 128
-        calls.clear()
-        out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
-        fast_conv.conv2d_backward(np.ones_like(out), cache)
-        assert set(calls) == expected, (n, calls)
+    x, weight, bias = _inputs(n, c, o, size, size, 3, np.float64)
+    out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
+    fast_conv.conv2d_backward(np.ones_like(out), cache)
+    assert set(calls) == ({"_winograd_3x3", "_winograd_weight_grad"} if winograd else {"_im2col_chunks"}), calls
 
 
 @pytest.mark.parametrize("reference", [False, True])

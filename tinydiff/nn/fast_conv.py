@@ -37,14 +37,20 @@ benchmarks/README.md):
   entries that fall in the zero padding are simply never written. Reusing it matters: a fresh
   2 MiB buffer is fresh pages from the OS, and the page faults of writing them cost about as
   much as the copy itself.
-* **Winograd for 3×3 "same" convolutions of even-sized images** (every 3×3 convolution of the
-  latent U-Net at 8×8 and 4×4: forward, input gradient and weight gradient): ``_winograd_3x3``
+* **Winograd for 3×3 "same" convolutions of even-sized images** (the latent U-Net's 3×3
+  convolutions at 8×8 and 4×4 but its 4-channel input and output: forward, input gradient and
+  weight gradient): ``_winograd_3x3``
   computes each 2×2 block of outputs from a 4×4 tile of input with 16 multiplications instead of
   36 (Lavin & Gray 2016, F(2×2, 3×3)), so its matrix products do 4/9 of im2col's. Its transforms
   are a few additions over whole arrays; the docstring of ``_winograd_3x3`` derives them, and
   ``_winograd_weight_grad`` runs the same algorithm backwards (its adjoint) for dW. Those
   transforms are about 30 NumPy calls whatever the size, so a small batch (fewer than
-  ``WINOGRAD_MIN_ROWS`` tiles in all, e.g. under 8 images of 8×8) runs im2col instead.
+  ``WINOGRAD_MIN_ROWS`` tiles in all, e.g. under 8 images of 8×8) runs im2col instead. They also
+  move about 7 numbers per input and per output number through memory, whatever the channels,
+  while the product they shrink costs C·O multiply-adds per pixel: with few channels on large
+  images (the VAE decoder's 16 channels at 32×32) the transforms dominate and im2col, whose
+  chunks stay in cache, is 1.5-3× faster. So Winograd runs only where C·O ≥
+  ``WINOGRAD_MIN_PRODUCT_PER_PIXEL`` · H·W.
 * **The cache keeps x, not cols.** Backward rebuilds each chunk's cols (a cheap in-cache copy)
   rather than holding 9× the activations' memory until the backward pass; inference
   (``no_grad``) keeps nothing but references.
@@ -77,6 +83,9 @@ WINOGRAD_MIN_ROWS = 128  # tiles (N·H/2·W/2, the rows of Winograd's 16 product
 #                           3×3 conv 40-90 % slower than im2col at 2-4 images of 8×8 or 2-8 of 4×4, and it
 #                           was 13-30 % faster from 16 images of 8×8 or 32 of 4×4; at 128 tiles it depends
 #                           on the channels (benchmarks/README.md)
+WINOGRAD_MIN_PRODUCT_PER_PIXEL = 16  # Winograd needs C·O ≥ 16·H·W, else im2col runs. Measured at 16 and 64 images
+#                           (Winograd's time / im2col's, C = O): 4×4: C = 8 1.4, 16 0.9, 32 0.7; 8×8: C = 16 1.1,
+#                           32 0.99, 64 0.8; 16×16: C = 32 1.2-1.5, 64 1.0-1.1, 128 0.86; 32×32: C = 64 1.6, 128 1.1
 WORKSPACE_BYTES = 64 << 20  # per thread: cols buffers kept for reuse (least recently used dropped first)
 _workspaces = threading.local()  # each thread its own buffers (backend.map_rows runs convs in parallel)
 
@@ -202,13 +211,15 @@ _W_A_T = ((1, 1, 1, 0), (0, 1, -1, -1))  # Aᵀ (2, 4): output transform
 _W_A_SIGNS = (1, 1, 1, -1)  # the sign of row ξ of A (each row of A is ± a sum of dY's rows)
 
 
-def _winograd_applies(x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int) -> bool:
+def _winograd_applies(x, out_channels: int, kh: int, kw: int, stride: int, pad_h: int, pad_w: int) -> bool:
     """3×3, stride 1, padding 1 (output size = input size), even height and width, at least
-    ``WINOGRAD_MIN_ROWS`` tiles in the batch, on NumPy (on a GPU the im2col product is one large
+    ``WINOGRAD_MIN_ROWS`` tiles in the batch, enough channels for the image's size (C·O ≥
+    ``WINOGRAD_MIN_PRODUCT_PER_PIXEL`` · H·W), on NumPy (on a GPU the im2col product is one large
     kernel launch already)."""
-    n, _, h, wd = x.shape
+    n, c, h, wd = x.shape
     return ((kh, kw, stride, pad_h, pad_w) == (3, 3, 1, 1, 1) and h % 2 == 0 and wd % 2 == 0
-            and n * (h // 2) * (wd // 2) >= WINOGRAD_MIN_ROWS and backend_of(x) == "numpy")
+            and n * (h // 2) * (wd // 2) >= WINOGRAD_MIN_ROWS
+            and c * out_channels >= WINOGRAD_MIN_PRODUCT_PER_PIXEL * h * wd and backend_of(x) == "numpy")
 
 
 def _scratch(xp, dtype, *shapes):
@@ -371,7 +382,7 @@ def _correlate(x, w, b, stride: int, pad_h: int, pad_w: int):
     xp = get_xp(x, w)
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    if _winograd_applies(x, kh, kw, stride, pad_h, pad_w):
+    if _winograd_applies(x, o, kh, kw, stride, pad_h, pad_w):
         return _winograd_3x3(x, w, b)
     ho, wo = conv_output_size(h, kh, stride, pad_h), conv_output_size(wd, kw, stride, pad_w)
     w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
@@ -462,7 +473,7 @@ def conv2d_backward(dout, cache: FastConv2dCache):
         return dx, dw, db
     w_mat = w.reshape(o, c * kh * kw)  # (O, C·kh·kw)
     transposed = _dx_by_transposed_conv(c, o, kh, kw, stride, padding)
-    winograd = _winograd_applies(x, kh, kw, stride, padding, padding)
+    winograd = _winograd_applies(x, o, kh, kw, stride, padding, padding)
     if winograd and transposed:  # no cols needed: dW by Winograd, dx by the transposed conv below
         dw = _winograd_weight_grad(x, dout)
     else:
