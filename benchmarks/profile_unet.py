@@ -1,7 +1,11 @@
 """Where a latent U-Net pass spends its CPU time, by source file (cProfile, this thread's CPU time).
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/profile_unet.py            # sampling: forward, 128 rows, no_grad
+    OPENBLAS_NUM_THREADS=1 python benchmarks/profile_unet.py --rows 64  # what each of sample64's 2 threads runs
     OPENBLAS_NUM_THREADS=1 python benchmarks/profile_unet.py --train    # training: forward + backward, batch 64
+
+Sampling rows share one timestep and one context (one prompt's states), as in the pipeline, where
+each thread gets the 64 rows of one side of classifier-free guidance; training rows get their own.
 
 Each function's own time (not its callees') is added to its file: fast_conv.py is the
 convolutions, norm.py GroupNorm and LayerNorm, dense.py the Linear layers, activations.py SiLU,
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="forward + backward at batch 64 (default: sampling's 128-row forward)")
+    parser.add_argument("--rows", type=int, help="rows per pass (default: 128 for sampling, 64 with --train)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference", action="store_true", help="profile the reference layers (backend.use_reference)")
     args = parser.parse_args()
@@ -42,11 +47,15 @@ def main() -> None:
     use_reference(args.reference)
     config = latent_unet_config()
     unet = UNet(config, seed=0)
-    rows = 64 if args.train else 128
+    rows = args.rows if args.rows is not None else (64 if args.train else 128)
+    if rows < 1:
+        parser.error(f"--rows must be at least 1, got {rows}")
     gen = np.random.default_rng(0)
     x = gen.standard_normal((rows, config.in_channels, config.sample_size, config.sample_size)).astype(np.float32)
-    t = gen.uniform(0, 999, rows).astype(np.float32)
-    context = gen.standard_normal((rows, config.context_length, config.context_dim)).astype(np.float32)
+    distinct = rows if args.train else 1  # sampling: one timestep and one context for every row
+    t = np.repeat(gen.uniform(0, 999, distinct), rows // distinct).astype(np.float32)
+    context = np.repeat(gen.standard_normal((distinct, config.context_length, config.context_dim)), rows // distinct,
+                        axis=0).astype(np.float32)
 
     def step():
         if args.train:
@@ -68,7 +77,7 @@ def main() -> None:
         key = Path(filename).name if "tinydiff" in filename else ("numpy" if "numpy" in filename or name.startswith("<method") or "{" in filename else "python")
         by_file[key] += own
         total += own
-    print(f"{'training step, batch 64' if args.train else 'sampling forward, 128 rows'}: "
+    print(f"{f'training step, batch {rows}' if args.train else f'sampling forward, {rows} rows'}: "
           f"{total / args.repeats * 1e3:.1f} ms CPU per pass ({args.repeats} passes)")
     for key, own in sorted(by_file.items(), key=lambda kv: -kv[1]):
         if own / total >= 0.005:
