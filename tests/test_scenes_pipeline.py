@@ -446,3 +446,44 @@ def test_cli_trains_the_pooled_ablation_on_a_finished_runs_encoders(tmp_path, ca
                          (["--conditioning", "pooled", "--stages", "lcm"], "lcm distils token conditioning only")):
         status, _, err = run(capsys, "train", "mnist-scenes", "--quick", *args, "--out", tmp_path / "bad")
         assert_one_line_error(status, err, phrase)
+
+
+def test_the_recipe_trains_the_clip_stage_with_the_text_objective_it_is_given(tmp_path, monkeypatch):
+    """--text-objective slots reaches train_clip (a spy), and the clip checkpoint holds the slot
+    head; the default stays contrastive."""
+    from tinydiff.train import recipes
+    from tinydiff.train.clip import load_clip
+
+    asked = []
+    original = recipes.train_clip
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("text_objective", "contrastive"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recipes, "train_clip", spy)
+    config = replace(recipes.quick_recipe(), data="scenes", threads=1, text_objective="slots")
+    assert recipes.train_mnist_captions(tmp_path / "slots", config=config, stages=["clip"]) is None
+    assert load_clip(tmp_path / "slots" / "clip" / "state.npz", slot_head=True)[0].slot_head is not None
+    recipes.train_mnist_captions(tmp_path / "plain", config=replace(config, text_objective="contrastive"),
+                                 stages=["clip"])
+    assert asked == ["slots", "contrastive"]
+
+
+def test_cli_text_objective_reaches_the_recipe_and_bad_values_are_one_line(tmp_path, capsys, monkeypatch):
+    from tinydiff.train import recipes
+
+    seen = []
+    monkeypatch.setattr(recipes, "train_mnist_captions", lambda out, **kw: seen.append(kw["config"]))
+    status, _, err = run(capsys, "train", "mnist-scenes", "--quick", "--text-objective", "slots", "--out",
+                         tmp_path / "a")
+    assert status == 0, err
+    assert seen[-1].text_objective == "slots"
+    monkeypatch.undo()
+    status, _, err = run(capsys, "train", "mnist-captions", "--quick", "--text-objective", "slots", "--out",
+                         tmp_path / "b")
+    assert status == 2 and err.count("\n") == 1
+    assert "needs scene captions" in err and "--text-objective contrastive" in err
+    status, _, err = run(capsys, "train", "mnist-scenes", "--quick", "--text-objective", "tokens", "--out",
+                         tmp_path / "c")
+    assert status == 2 and "unknown text objective 'tokens'; valid: contrastive, slots" in err

@@ -77,6 +77,7 @@ def cmd_train(args) -> int:
         config = dit_recipe() if args.denoiser == "dit" else RecipeConfig()
     config.data = RECIPES[args.recipe]
     config.conditioning = args.conditioning
+    config.text_objective = args.text_objective
     args.out = args.out or f"runs/{args.recipe}"
     if args.encoders is not None:
         config.encoders = str(_model_path(args.encoders))
@@ -577,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the denoiser reads of the prompt: tokens (default; every token state) or pooled "
                             "(the text encoder's <eos> state alone: the ablation of one pooled text vector; with "
                             "--encoders a finished run's MODEL trains only the denoiser)")
+    train.add_argument("--text-objective", default="contrastive",
+                       help="the clip stage's loss: contrastive (default; InfoNCE, Radford et al. 2021) or slots "
+                            "(mnist-scenes only: InfoNCE plus a token-level loss, each digit token predicts where its "
+                            "digit goes; the ablation of a richer text encoder)")
     train.add_argument("--encoders", metavar="MODEL",
                        help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
                             "folder) instead of training the clip and vae stages")

@@ -40,6 +40,13 @@ saved in the pipeline's manifest, in sampling. With ``encoders`` (``--encoders M
 a finished run's text encoder and VAE and trains the denoiser alone, so the two runs differ in
 the conditioning only. The lcm stage distils with token conditioning and is not offered.
 
+**A token-level text objective** (``RecipeConfig.text_objective = "slots"``, ``tinydiff train
+mnist-scenes --text-objective slots``): the ablation of the text encoder. The clip stage adds to
+InfoNCE a loss on the token states, each digit token predicting the slot its digit occupies
+(``train.clip``, ``data.scenes.token_slot_labels``), a miniature of a T5-style encoder whose
+training makes every token's state describe its role. Only the text encoder's training changes;
+the VAE and U-Net stages are the default recipe's.
+
 Folder layout::
 
     OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
@@ -75,7 +82,7 @@ from ..pipeline import PipelineConfig, TextToImagePipeline, check_conditioning
 from ..text.tokenizer import Tokenizer
 from .autoencoder import default_loop as vae_default_loop
 from .autoencoder import load_autoencoder, train_autoencoder
-from .clip import CaptionedDigits, load_captioned_mnist, load_clip, train_clip
+from .clip import TEXT_OBJECTIVES, CaptionedDigits, load_captioned_mnist, load_clip, train_clip
 from .clip import default_loop as clip_default_loop
 from .diffusion import DiffusionTrainingConfig
 from .latent_unet import latent_dit_config, latent_unet_config, train_latent_unet
@@ -110,6 +117,7 @@ class RecipeConfig(ConfigMixin):
     data: str = "digits"  # DATASETS: single captioned digits, or scenes of several (tinydiff.data.scenes)
     scene_count: int = 30000  # data="scenes": training scenes drawn (train_subset, if set, instead)
     conditioning: str = "tokens"  # the denoiser's text input: every token state, or "pooled" (<eos>'s alone)
+    text_objective: str = "contrastive"  # the clip stage's loss: InfoNCE, or "slots": InfoNCE + each digit token's slot
 
 
 def quick_recipe() -> RecipeConfig:
@@ -188,6 +196,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         check_conditioning(config.conditioning)
     except ValueError as err:
         raise RecipeError(str(err)) from None
+    if config.text_objective not in TEXT_OBJECTIVES:
+        raise RecipeError(f"unknown text objective {config.text_objective!r}; valid: {', '.join(TEXT_OBJECTIVES)}")
+    if config.text_objective == "slots" and config.data != "scenes":
+        raise RecipeError("the slots text objective needs scene captions (tinydiff train mnist-scenes): digit "
+                          "captions name no places; use --text-objective contrastive")
     den = config.denoiser  # the denoiser stage's name: "unet" or "dit"
     valid = recipe_stages(config)
     stages = [s for s in valid if s != "lcm"] if stages is None else stages
@@ -232,7 +245,7 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
             _, _, result = train_clip(
                 CLIPConfig(text=text), loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed),
                 batch_size=config.clip_batch_size, data=train, tokenizer=clip_tokenizer,
-                checkpoint_path=paths["clip"], resume=resume, callback=cb)
+                checkpoint_path=paths["clip"], resume=resume, callback=cb, text_objective=config.text_objective)
             return result
 
         run_stage("clip", config.clip_steps, fit_clip)
