@@ -235,6 +235,32 @@ def test_one_context_for_the_batch_gives_keys_and_values_from_one_row_in_inferen
     np.testing.assert_allclose(fast, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("attention_levels", [(False, True), (False, False)])
+def test_guidance_halves_run_the_start_once_in_inference(attention_levels):
+    """Rows [x; x] at [t; t] with two contexts (classifier-free guidance's layout): in no_grad the
+    blocks before the first that reads the context run on one half, and the output equals the
+    caching forward pass's, which runs every row; halves that differ in x or t run in full.
+    Without attention in the down path the halves part at the mid block."""
+    unet = UNet(tiny_config(attention_levels=attention_levels), seed=7).double()
+    x, t, context, mask = tiny_inputs(np.random.default_rng(9))
+    x, t = np.concatenate([x, x]), np.array([40.0, 700.0, 40.0, 700.0])
+    context, mask = np.concatenate([context, context[::-1]]), np.concatenate([mask, mask[::-1]])
+    layers = {"conv_in": unet.conv_in, "level 0": unet.down_blocks[0].resnets[0].conv1,
+              "level 1": unet.down_blocks[1].resnets[0].conv1, "mid": unet.mid_block.resnets[0].conv1}
+    rows = {name: [] for name in layers}
+    for name, layer in layers.items():
+        layer.forward = lambda a, _f=type(layer).forward, _l=layer, _n=name: rows[_n].append(len(a)) or _f(_l, a)
+    other_t = t + np.array([0.0, 0.0, 0.0, 1.0])
+    other_x = x + np.arange(4)[:, None, None, None] * 1e-3
+    for args in [(x, t), (x, other_t), (other_x, t)]:
+        with no_grad():
+            fast = unet(*args, context, mask)
+        np.testing.assert_allclose(fast, unet(*args, context, mask), rtol=1e-12, atol=1e-12)
+    shared = {"conv_in": 2, "level 0": 2, "level 1": 4 if attention_levels[1] else 2, "mid": 4}
+    assert {name: seen[0] for name, seen in rows.items()} == shared
+    assert all(seen[1:] == [4] * 5 for seen in rows.values()), rows  # the caching pass, then the other inputs
+
+
 def test_attention_takes_a_context_of_batch_one_in_inference_only():
     from tinydiff.nn import Attention
 

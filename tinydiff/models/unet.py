@@ -210,6 +210,11 @@ class MidBlock(Module):
         return dh, dtemb_0 + dtemb_1, dcontext
 
 
+def _twice(a):
+    """a (B, ...) stacked on itself: (2B, ...), both halves of classifier-free guidance."""
+    return get_xp(a).concatenate([a, a])
+
+
 def _one_row(a) -> bool:
     """Whether every row a[i] of the array ``a`` (B, ...) equals the first."""
     return bool((a[1:] == a[:1]).all())
@@ -290,16 +295,23 @@ class UNet(Module):
         if cond is not None and not self.config.guidance_embedding:
             raise ValueError("this UNet has no guidance embedding (UNetConfig.guidance_embedding=False); "
                              "leave w out and use classifier-free guidance")
-        temb = self.time_embedding(timestep_embedding(t, width), cond)  # (B, time_embed_dim)
         if not is_grad_enabled() and context is not None and _one_row(context) and (
                 context_mask is None or _one_row(context_mask)):
             # sampling: one prompt (or the null context) for the whole batch, so every cross-attention
             # computes its keys and values once, from one row, broadcast over the batch
             context, context_mask = context[:1], None if context_mask is None else context_mask[:1]
+        half = self._guidance_halves(x, t, w)
+        if half:  # until a block reads the context, both halves compute the same numbers: run the first only
+            x, t = x[:half], t[:half]
+        temb = self.time_embedding(timestep_embedding(t, width), cond)  # (B, time_embed_dim)
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
+            if half and block.attentions:  # the first block that reads the context: from here on, both halves
+                h, temb, skips, half = _twice(h), _twice(temb), [_twice(s) for s in skips], 0
             h = block(h, temb, context, context_mask, skips)
+        if half:
+            h, temb, skips = _twice(h), _twice(temb), [_twice(s) for s in skips]
         h = self.mid_block(h, temb, context, context_mask)
         for block in self.up_blocks:
             h = block(h, temb, context, context_mask, skips)
@@ -320,6 +332,16 @@ class UNet(Module):
         dx = self.conv_in.backward(dh + dskips.pop())  # s0 = conv_in's output, the last one left
         self.time_embedding.backward(dtemb)  # fills the time MLP's (and w's projection's) grads; t, w get none
         return dx, dcontext
+
+    @staticmethod
+    def _guidance_halves(x, t, w) -> int:
+        """Classifier-free guidance runs every image twice in one call, [unconditional; conditional]
+        (diffusion.denoiser): the same x and t, another context. In inference, when the rows come
+        in two such halves, the number of rows in a half, else 0."""
+        half = x.shape[0] // 2
+        if is_grad_enabled() or w is not None or half == 0 or x.shape[0] % 2:
+            return 0
+        return half if bool((x[:half] == x[half:]).all() and (t[:half] == t[half:]).all()) else 0
 
     def _check_inputs(self, x, t, context, context_mask):
         """Clear errors for inputs the network cannot take; returns t as a (B,) array of x's dtype."""
