@@ -125,6 +125,28 @@ def test_winograd_runs_from_its_thresholds_of_tiles_and_channels_and_im2col_belo
     assert set(calls) == ({"_winograd_3x3", "_winograd_weight_grad"} if winograd else {"_im2col_chunks"}), calls
 
 
+def test_winograd_keeps_its_transformed_input_for_the_weight_gradient_only_when_gradients_are_wanted(monkeypatch):
+    """With gradients wanted the forward pass keeps V = Bᵀ d B in its cache and dW reuses it (the
+    backward pass transforms only dout, for dx); under no_grad nothing is kept. dW from the kept V,
+    from V recomputed, and the reference's agree."""
+    from tinydiff.nn import no_grad
+
+    x, weight, bias = _inputs(8, 32, 32, 8, 8, 3, np.float64)  # 128 tiles, C·O = 16·8·8: Winograd
+    dout = np.random.default_rng(1).standard_normal((8, 32, 8, 8))
+    with no_grad():
+        assert fast_conv.conv2d_forward(x, weight, bias, 1, 1)[1].v is None
+    out, cache = fast_conv.conv2d_forward(x, weight, bias, 1, 1)
+    assert cache.v.shape == (4, 4, 4, 4, 8, 32)
+    transforms = []
+    original = fast_conv._winograd_input_transform
+    monkeypatch.setattr(fast_conv, "_winograd_input_transform", lambda *a: transforms.append(a[0].shape) or original(*a))
+    _, dw, _ = fast_conv.conv2d_backward(dout, cache)
+    assert transforms == [dout.shape]  # dx's transposed convolution only
+    want = conv.conv2d_backward(dout, conv.conv2d_forward(x, weight, bias, 1, 1)[1])[1]
+    np.testing.assert_allclose(dw, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fast_conv._winograd_weight_grad(x, dout), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("reference", [False, True])
 def test_conv2d_layer_runs_the_implementation_the_switch_selects_and_its_gradients_check(reference):
     layer = Conv2d(3, 4, 3, padding=1).double()
