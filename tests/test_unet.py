@@ -216,25 +216,6 @@ def test_no_grad_matches_and_keeps_no_caches(dtype, tolerance):
     assert np.abs(fast - want).max() <= tolerance * np.abs(want).max()
 
 
-def test_one_context_for_the_batch_gives_keys_and_values_from_one_row_in_inference():
-    """Sampling gives every row the same prompt states: in no_grad each cross-attention computes
-    K and V from one row, broadcast over the batch (the same output as the caching forward pass,
-    which computes them for every row); different contexts always get their own."""
-    unet = UNet(tiny_config(), seed=7).double()
-    x, t, context, mask = tiny_inputs(np.random.default_rng(9))
-    one, one_mask = np.repeat(context[1:], 2, axis=0), np.repeat(mask[:1], 2, axis=0)  # (2, L, D), (2, L)
-    to_k = unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k
-    rows = []
-    forward = type(to_k).forward
-    to_k.forward = lambda a: rows.append(len(a)) or forward(to_k, a)
-    with no_grad():
-        fast = unet(x, t, one, one_mask)
-        unet(x, t, context, mask)
-    want = unet(x, t, one, one_mask)
-    assert rows == [1, 2, 2]
-    np.testing.assert_allclose(fast, want, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("attention_levels", [(False, True), (False, False)])
 def test_guidance_halves_run_the_start_once_in_inference(attention_levels):
     """Rows [x; x] at [t; t] with two contexts (classifier-free guidance's layout): in no_grad the
@@ -259,21 +240,6 @@ def test_guidance_halves_run_the_start_once_in_inference(attention_levels):
     shared = {"conv_in": 2, "level 0": 2, "level 1": 4 if attention_levels[1] else 2, "mid": 4}
     assert {name: seen[0] for name, seen in rows.items()} == shared
     assert all(seen[1:] == [4] * 5 for seen in rows.values()), rows  # the caching pass, then the other inputs
-
-
-def test_attention_takes_a_context_of_batch_one_in_inference_only():
-    from tinydiff.nn import Attention
-
-    layer = Attention(6, 5, heads=2, dim_head=3).double()
-    gen = np.random.default_rng(0)
-    x, context = gen.standard_normal((3, 4, 6)), gen.standard_normal((1, 2, 5))
-    mask = np.array([[True, False]])
-    with no_grad():
-        got = layer(x, context, mask)
-    np.testing.assert_allclose(got, layer(x, np.repeat(context, 3, axis=0), np.repeat(mask, 3, axis=0)),
-                               rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="expects context of shape"):
-        layer(x, context, mask)  # a backward pass would need the gradient of every row's context
 
 
 def test_attention_callback_reports_cross_attention_maps():

@@ -215,11 +215,6 @@ def _twice(a):
     return get_xp(a).concatenate([a, a])
 
 
-def _one_row(a) -> bool:
-    """Whether every row a[i] of the array ``a`` (B, ...) equals the first."""
-    return bool((a[1:] == a[:1]).all())
-
-
 def _named_modules(module: Module, prefix: str = ""):
     """(dotted name, module) for ``module`` and all its descendants."""
     yield prefix.rstrip("."), module
@@ -295,11 +290,6 @@ class UNet(Module):
         if cond is not None and not self.config.guidance_embedding:
             raise ValueError("this UNet has no guidance embedding (UNetConfig.guidance_embedding=False); "
                              "leave w out and use classifier-free guidance")
-        if not is_grad_enabled() and context is not None and _one_row(context) and (
-                context_mask is None or _one_row(context_mask)):
-            # sampling: one prompt (or the null context) for the whole batch, so every cross-attention
-            # computes its keys and values once, from one row, broadcast over the batch
-            context, context_mask = context[:1], None if context_mask is None else context_mask[:1]
         half = self._guidance_halves(x, t, w)
         if half:  # until a block reads the context, both halves compute the same numbers: run the first only
             x, t = x[:half], t[:half]

@@ -237,8 +237,7 @@ class Attention(Module):
     bias; to_out (inner → query_dim) with bias; inner = heads · dim_head.
 
     forward(x (B, L, query_dim), context (B, Lc, context_dim) or None, mask (B, Lc) bool or None,
-    True = a real key) → (B, L, query_dim). In inference mode (``no_grad``) the context and mask may
-    have batch 1, one context for every row: K and V are computed once and broadcast.  backward returns dx for self-attention and
+    True = a real key) → (B, L, query_dim).  backward returns dx for self-attention and
     (dx, dcontext) for cross-attention.  If ``probs_callback`` is set it is called with the
     attention probabilities (B, heads, L, Lc) on every forward (for attention maps).
     """
@@ -266,8 +265,7 @@ class Attention(Module):
         self._check_input(x, self.to_q.weight.data, 3, self.query_dim, -1, "(B, L, query_dim)")
         is_cross = context is not None
         source = context if is_cross else x
-        batches = (x.shape[0],) if is_grad_enabled() else (x.shape[0], 1)  # inference: one context for every row
-        if is_cross and (source.ndim != 3 or source.shape[-1] != self.context_dim or source.shape[0] not in batches):
+        if is_cross and (source.ndim != 3 or source.shape[-1] != self.context_dim or source.shape[0] != x.shape[0]):
             raise ValueError(
                 f"Attention expects context of shape (B={x.shape[0]}, Lc, {self.context_dim}), got {tuple(source.shape)}"
             )
