@@ -177,5 +177,28 @@ def test_map_rows_equals_one_call_and_keeps_row_order(threads, rows):
     assert len(seen_blocks) == expected_blocks and sum(seen_blocks) == rows
 
 
+@pytest.mark.parametrize("threads, images", [(2, 7), (3, 9), (2, 2), (4, 3), (1, 5)])
+def test_map_row_pairs_gives_each_thread_both_halves_of_its_images_and_keeps_row_order(threads, images):
+    """Rows [first half; second half] of the same images: every call sees [a[block]; a[B + block]]
+    (the second half of each row = its first half + 1000 here), and the result is fn's, row for row."""
+    first = np.arange(images, dtype=float)[:, None] * np.ones((1, 3))
+    x = np.concatenate([first, first + 1000])  # (2B, 3)
+    t = np.concatenate([np.arange(images), np.arange(images)]).astype(float)  # (2B,)
+    calls = []
+
+    def fn(a, b):
+        calls.append(a.copy())
+        return a * 2 + b[:, None]
+
+    out = backend.map_row_pairs(fn, x, t, threads=threads)
+    np.testing.assert_array_equal(out, x * 2 + t[:, None])
+    assert sum(len(c) for c in calls) == 2 * images
+    if threads > 1 and images >= threads:
+        assert len(calls) == threads
+        for call in calls:
+            half = len(call) // 2
+            np.testing.assert_array_equal(call[half:], call[:half] + 1000)
+
+
 def test_cpu_count_is_at_least_one():
     assert backend.cpu_count() >= 1

@@ -275,6 +275,26 @@ def map_rows(fn, *arrays, threads: int | None = None):
     return np.concatenate(outputs)
 
 
+
+def map_row_pairs(fn, *arrays, threads: int | None = None):
+    """``map_rows`` for arrays of 2B rows in two halves that belong to the same B images,
+    ``[first half; second half]`` (classifier-free guidance runs every image twice in one call):
+    each thread gets the same images from both halves, ``[a[block]; a[B + block]]``, instead of one
+    half each, so that a network can share the work the two halves have in common
+    (``UNet._guidance_halves``). The result equals ``fn(*arrays)`` row for row, in the same order.
+    """
+    threads = cpu_count() if threads is None else threads
+    rows = arrays[0].shape[0]
+    half = rows // 2
+    if threads <= 1 or rows % 2 or half < threads or backend_of(arrays[0]) != "numpy":
+        return map_rows(fn, *arrays, threads=threads)
+    picks = [np.r_[block, block.start + half : block.stop + half] for block in row_blocks(half, threads)]
+    outputs = run_in_threads([lambda pick=pick: fn(*(a[pick] for a in arrays)) for pick in picks])
+    out = np.empty((rows,) + outputs[0].shape[1:], dtype=outputs[0].dtype)
+    for pick, output in zip(picks, outputs):
+        out[pick] = output  # back to [first half; second half]
+    return out
+
 # --------------------------------------------------------------------------- reference or fast code
 #
 # Some operations exist twice: a reference written to be read (e.g. nn/conv.py: im2col over the

@@ -94,7 +94,7 @@ from pathlib import Path
 import numpy as np
 
 from . import editing
-from .backend import backend_of, get_xp, map_rows, to_device, to_numpy
+from .backend import backend_of, get_xp, map_row_pairs, map_rows, to_device, to_numpy
 from .config import ConfigError, ConfigMixin
 from .data.mnist import IMAGE_SIZE, from_model_range
 from .data.scenes import CANVAS
@@ -335,11 +335,13 @@ class TextToImagePipeline:
             uncond = self.encode_prompt([negative_prompt] * len(prompts))
         else:
             uncond = self.denoiser_net.null_context(len(prompts))  # (B, L, D): the "no prompt" context learned in training
-        # the U-Net runs on blocks of rows in parallel, one per CPU core (backend.map_rows), unless an
-        # attention callback is watching it (it would see half-batches from two threads)
+        # the U-Net runs on blocks of rows in parallel, one per CPU core, unless an attention callback
+        # is watching it (it would see half-batches from two threads); with guidance each block holds
+        # both halves of its images (backend.map_row_pairs), which the U-Net runs partly once
         net = self.denoiser_net
         threads = 1 if net.has_attention_callbacks else self.threads
-        return Denoiser(lambda x, t, c: map_rows(net, x, t, c, threads=threads), self.schedule,
+        split = map_row_pairs if guidance_scale != 1 else map_rows
+        return Denoiser(lambda x, t, c: split(net, x, t, c, threads=threads), self.schedule,
                         self.diffusion.prediction_type, context=context, uncond_context=uncond,
                         guidance_scale=guidance_scale)
 
