@@ -32,9 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def train_with_snapshots(out: Path, config, every: int) -> list[dict]:
+class _Stop(Exception):
+    """Raised from the callback to end the run early (``--stop-after``)."""
+
+
+def train_with_snapshots(out: Path, config, every: int, stop_after: int | None = None) -> list[dict]:
     """Run the recipe in ``out``, copying the U-Net checkpoint every ``every`` steps; returns the
-    snapshots [{"step", "minutes", "path"}] (the last one is the finished stage's)."""
+    snapshots [{"step", "minutes", "path"}] (the last one is the finished stage's). With
+    ``stop_after``, training ends after the snapshot of that U-Net step (the rest of the curve
+    is not needed, the learning-rate schedule stays the full recipe's), and the pipeline is
+    assembled from the checkpoints as they are."""
     from tinydiff.train.recipes import train_mnist_captions
 
     snapshots_dir = out / "snapshots"
@@ -48,7 +55,10 @@ def train_with_snapshots(out: Path, config, every: int) -> list[dict]:
         path = snapshots_dir / f"unet-{step:05d}.npz"
         shutil.copyfile(checkpoint, path)
         snapshots.append({"step": step, "minutes": marks[step], "path": str(path)})
+        (out / "snapshots.json").write_text(json.dumps(snapshots, indent=1))
         print(f"snapshot at U-Net step {step}: {marks[step]:.2f} min", flush=True)
+        if stop_after is not None and step >= stop_after:
+            raise _Stop
 
     def callback(event: dict) -> None:
         if event["stage"] != "unet":
@@ -70,10 +80,13 @@ def train_with_snapshots(out: Path, config, every: int) -> list[dict]:
             keep(step - 1)
 
     print(f"training in {out}; load average {os.getloadavg()[0]:.2f}", flush=True)
-    train_mnist_captions(out, config=config, callback=callback)
+    try:
+        train_mnist_captions(out, config=config, callback=callback)
+    except _Stop:
+        print(f"stopped after U-Net step {stop_after}; assembling the pipeline from the checkpoints", flush=True)
+        train_mnist_captions(out, config=config, stages=[], resume=True)
     print(f"training done in {(time.perf_counter() - start) / 60:.1f} min; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
-    (out / "snapshots.json").write_text(json.dumps(snapshots, indent=1))
     return snapshots
 
 
@@ -130,6 +143,7 @@ def main() -> None:
     parser.add_argument("--clip-steps", type=int, help="the recipe's clip_steps (default: the recipe's)")
     parser.add_argument("--vae-steps", type=int, help="the recipe's vae_steps (default: the recipe's)")
     parser.add_argument("--n-per-digit", type=int, default=100, help="evaluation images per digit (default: 100)")
+    parser.add_argument("--stop-after", type=int, help="end training after the snapshot of this U-Net step")
     parser.add_argument("--quick", action="store_true", help="a smoke run of the script (quick_recipe, 1,000 U-Net steps)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the snapshots of a finished run")
     args = parser.parse_args()
@@ -147,7 +161,7 @@ def main() -> None:
     if args.evaluate_only:
         snapshots = json.loads((args.out / "snapshots.json").read_text())
     else:
-        snapshots = train_with_snapshots(args.out, config, args.every)
+        snapshots = train_with_snapshots(args.out, config, args.every, args.stop_after)
     rows = evaluate_snapshots(args.out, snapshots, args.n_per_digit)
     (args.out / "time_to_quality.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=1))
     settings = ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) or "the default recipe"
