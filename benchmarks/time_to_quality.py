@@ -90,7 +90,7 @@ def train_with_snapshots(out: Path, config, every: int, stop_after: int | None =
     return snapshots
 
 
-def evaluate_snapshots(out: Path, snapshots: list[dict], n_per_digit: int) -> list[dict]:
+def evaluate_snapshots(out: Path, snapshots: list[dict], n_per_digit: int, weights: str = "ema") -> list[dict]:
     from tinydiff.evaluate import evaluate_pipeline
     from tinydiff.io import load_checkpoint
     from tinydiff.pipeline import TextToImagePipeline
@@ -100,10 +100,11 @@ def evaluate_snapshots(out: Path, snapshots: list[dict], n_per_digit: int) -> li
     rows = []
     for snap in snapshots:
         arrays = load_checkpoint(snap["path"])[0]
-        pipe.denoiser_net.load_state_dict(checkpoint_weights(arrays, "ema", path=snap["path"]))
+        pipe.denoiser_net.load_state_dict(checkpoint_weights(arrays, weights, path=snap["path"]))
         results = evaluate_pipeline(pipe, n_per_digit=n_per_digit)
         floor = results["mnist_fd_real_vs_real"]
-        row = {"step": snap["step"], "minutes": snap["minutes"], "prompt_accuracy": results["prompt_accuracy"],
+        row = {"step": snap["step"], "minutes": snap["minutes"], "weights": weights,
+               "prompt_accuracy": results["prompt_accuracy"],
                "mnist_fd": results["mnist_fd"], "fd_floor": floor}
         rows.append(row)
         print(f"step {row['step']:5d}  {row['minutes']:5.1f} min  accuracy {row['prompt_accuracy']:.1%}  "
@@ -146,6 +147,9 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, help="end training after the snapshot of this U-Net step")
     parser.add_argument("--quick", action="store_true", help="a smoke run of the script (quick_recipe, 1,000 U-Net steps)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the snapshots of a finished run")
+    parser.add_argument("--weights", choices=["ema", "last"], default="ema",
+                        help="the snapshots' weights to evaluate: the moving average (default, what the recipe ships) or the last")
+    parser.add_argument("--from-step", type=int, default=0, help="--evaluate-only: only snapshots from this U-Net step on")
     args = parser.parse_args()
     if args.every % 500:
         parser.error(f"--every must be a multiple of 500 (the loop checkpoints every 500 steps), got {args.every}")
@@ -159,14 +163,15 @@ def main() -> None:
     base = replace(quick_recipe(), unet_steps=1000) if args.quick else RecipeConfig()
     config = replace(base, **{k: v for k, v in given.items() if v is not None})
     if args.evaluate_only:
-        snapshots = json.loads((args.out / "snapshots.json").read_text())
+        snapshots = [s for s in json.loads((args.out / "snapshots.json").read_text()) if s["step"] >= args.from_step]
     else:
         snapshots = train_with_snapshots(args.out, config, args.every, args.stop_after)
-    rows = evaluate_snapshots(args.out, snapshots, args.n_per_digit)
-    (args.out / "time_to_quality.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=1))
+    rows = evaluate_snapshots(args.out, snapshots, args.n_per_digit, args.weights)
+    name = "time_to_quality" if args.weights == "ema" else "time_to_quality_last"
+    (args.out / f"{name}.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=1))
     settings = ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) or "the default recipe"
-    plot(rows, args.out / "time_to_quality.png", f"tinydiff train mnist-captions ({settings})")
-    print(f"wrote {args.out / 'time_to_quality.json'} and {args.out / 'time_to_quality.png'}")
+    plot(rows, args.out / f"{name}.png", f"tinydiff train mnist-captions ({settings}; {args.weights} weights)")
+    print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
 
 
 if __name__ == "__main__":
