@@ -13,8 +13,8 @@ and h is one multiply-add per number, with per-(image, channel) factors folded b
 
     h = a · (x − μ) + b,    a[n, c] = ½ γ_c s[n, group of c],   b[c] = ½ β_c
 
-So the computation is: the group sums for μ (one matrix-vector product, ``norm._sum_last``), the centred copy
-x − μ, Σ (x − μ)² (a row-wise dot product), h in place (two operations), tanh h, then (1 + tanh h) · h
+So the computation is: the centred copy x − μ and s, as GroupNorm computes them (``norm._centre``:
+the group sums by one matrix-vector product, Σ (x − μ)² by a row-wise dot product), h in place (two operations), tanh h, then (1 + tanh h) · h
 in place: eight NumPy operations over the activations and two new arrays, where GroupNorm then SiLU
 take eleven and four new arrays (x − μ turned into x̂, γ x̂ + β, σ(y) and y·σ(y)). The variance is still the mean of the *centred* squares (E[x²] − μ² would save a
 pass but loses digits to cancellation in float32 when |μ| ≫ σ). Rounding differs from the two
@@ -24,7 +24,7 @@ layers' by float32 rounding only (x̂ is never formed; tested against them in fl
 from __future__ import annotations
 
 from ..backend import get_xp
-from .norm import _sum_last
+from .norm import _centre
 
 
 def group_norm_silu_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
@@ -34,10 +34,7 @@ def group_norm_silu_forward(x, num_groups: int, gamma, beta, eps: float = 1e-5):
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels cannot be split into {num_groups} groups")
     rows = x.reshape(n * num_groups, -1)  # (N, C, *spatial) → (N·G, m): one group per row
-    m = rows.shape[1]
-    h = rows - _sum_last(rows) / m  # x − μ, a new array (N·G, m); μ (N·G, 1) by a matrix-vector product
-    var = xp.einsum("gk,gk->g", h, h) / m  # (N·G,): Σ (x − μ)² / m, no squared copy
-    inv_std = 1.0 / xp.sqrt(var + eps)
+    h, inv_std = _centre(rows, eps)  # x − μ, a new array (N·G, m), and s (N·G, 1): GroupNorm's own statistics
     a = (0.5 * gamma).reshape(1, num_groups, -1) * inv_std.reshape(n, num_groups, 1)  # ½ γ s: (N, G, C/G)
     h3 = h.reshape(n, c, -1)  # (N·G, m) → (N, C, spatial)
     h3 *= a.reshape(n, c, 1)

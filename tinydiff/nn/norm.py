@@ -35,17 +35,23 @@ def _sum_last(a):
     return (a.reshape(-1, m) @ get_xp(a).ones((m, 1), dtype=a.dtype)).reshape(a.shape[:-1] + (1,))  # (rows, m) @ (m, 1)
 
 
-def _normalize(x, eps):
-    """Normalise each row of x (..., m) over its m numbers. Returns x̂ (..., m) and 1/√(σ² + ε) (..., 1).
+def _centre(x, eps):
+    """Each row of x (..., m) minus its mean, as a new array (..., m), and 1/√(σ² + ε) (..., 1).
 
     Two passes over x and one new array: σ² is a row-wise dot product of the centred values
-    with themselves (einsum, no squared copy), and x̂ overwrites the centred copy. Means are
-    sums divided by m, the sums by ``_sum_last``."""
+    with themselves (einsum, no squared copy). Means are sums divided by m, the sums by
+    ``_sum_last``."""
     xp = get_xp(x)
     m = x.shape[-1]
     centred = x - _sum_last(x) / m
     var = xp.einsum("...k,...k->...", centred, centred)[..., None] / m  # (..., 1)
-    inv_std = 1.0 / xp.sqrt(var + eps)
+    return centred, 1.0 / xp.sqrt(var + eps)
+
+
+def _normalize(x, eps):
+    """Normalise each row of x (..., m) over its m numbers. Returns x̂ (..., m) and 1/√(σ² + ε) (..., 1);
+    x̂ overwrites ``_centre``'s centred copy."""
+    centred, inv_std = _centre(x, eps)
     centred *= inv_std  # now x̂
     return centred, inv_std
 
