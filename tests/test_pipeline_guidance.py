@@ -89,3 +89,25 @@ def test_each_distinct_prompt_is_encoded_once_and_its_states_repeated(pipe, monk
     for i, prompt in enumerate(prompts):
         np.testing.assert_allclose(hidden[i], alone[prompt][0], rtol=0, atol=1e-5)  # float32 rounding of a batch
         np.testing.assert_array_equal(hidden[i], hidden[prompts.index(prompt)])  # repeats are the same rows
+
+
+def test_with_two_threads_each_unet_call_gets_both_guidance_halves_of_its_own_images(pipe, unet_calls):
+    """With guidance and rows split over threads, each call holds [uncond; cond] of the same images
+    (backend.map_row_pairs), so the U-Net can run their shared start once; unguided, plain blocks."""
+    pipe.threads = 2
+    try:
+        pipe(PROMPT, num_images=4, steps=STEPS, guidance_scale=3.0, seed=0)
+        guided = list(unet_calls)
+        unet_calls.clear()
+        pipe(PROMPT, num_images=4, steps=STEPS, guidance_scale=1.0, seed=0)
+    finally:
+        pipe.threads = 1
+    null, cond = pipe.unet.null_context(1)[0], pipe.encode_prompt([PROMPT])[0]
+    assert len(guided) == 2 * STEPS  # two threads per denoiser call
+    for call in guided:
+        context = call["context"]
+        assert len(context) == 4  # 2 images × [uncond; cond]
+        np.testing.assert_array_equal(context[:2], np.stack([null, null]))
+        np.testing.assert_array_equal(context[2:], np.stack([cond, cond]))
+        np.testing.assert_array_equal(call["t"][:2], call["t"][2:])
+    assert len(unet_calls) == 2 * STEPS and all(len(call["context"]) == 2 for call in unet_calls)
