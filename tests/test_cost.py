@@ -271,7 +271,7 @@ def pipe():
     from tinydiff.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained()
-    pipe.threads = 2  # the rows are split over threads: the count must see both halves
+    pipe.threads = 2  # the images are split over threads: the count must see every thread's work
     return pipe
 
 
@@ -282,13 +282,32 @@ def test_pipeline_cost_predicts_a_counted_run(pipe, sampler, steps, guidance_sca
     """pipeline_cost's formula (calls × rows × per-row + text encoder + decoder) equals the
     products counted over a whole generation with those settings."""
     predicted = cost.pipeline_cost(pipe, sampler, steps, guidance_scale, negative_prompt=negative)
+    images = 4  # two per thread: each thread gets whole images, both guidance rows of each
     with cost.count_flops(pipe.text_encoder, pipe.unet, pipe.vae) as count:
-        pipe("a handwritten seven", negative_prompt="a thin 7" if negative else None, num_images=1, steps=steps,
+        pipe("a handwritten seven", negative_prompt="a thin 7" if negative else None, num_images=images, steps=steps,
              sampler=sampler, guidance_scale=guidance_scale, seed=0)
-    assert predicted["gflop_per_image"] * 1e9 == pytest.approx(count.total, rel=1e-12)
+    prompts = 2 if negative else 1  # the text encoder runs once per prompt, not per image
+    text = predicted["text_encoder_gflop"] * 1e9 * prompts
+    assert images * (predicted["gflop_per_image"] * 1e9 - text) + text == pytest.approx(count.total, rel=1e-12)
     assert predicted["denoiser_calls"] == cost.sampler_calls(sampler, steps)
-    per_row = cost.forward_flops(pipe.unet, *unet_inputs(pipe.unet.config)).total
-    assert predicted["denoiser_gflop_per_row"] * 1e9 == pytest.approx(per_row, rel=1e-12)
+    x, t, context = unet_inputs(pipe.unet.config)
+    if predicted["rows_per_call"] == 2:  # a guided call: [unconditional; conditional] rows of one image
+        x, t, context = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([context, 0 * context])
+    per_call = cost.forward_flops(pipe.unet, x, t, context).total
+    assert predicted["denoiser_gflop_per_row"] * predicted["rows_per_call"] * 1e9 == pytest.approx(per_call, rel=1e-12)
+
+
+def test_pipeline_cost_does_not_depend_on_the_threads(pipe):
+    """The count is of the work a batch does, whatever pipe.threads is (with two threads a one-image
+    run would split its two guidance rows over the threads and run their shared start twice)."""
+    threads = pipe.threads
+    try:
+        costs = []
+        for pipe.threads in (1, 2):
+            costs.append(cost.pipeline_cost(pipe, "euler", 2, 2.0)["gflop_per_image"])
+    finally:
+        pipe.threads = threads
+    assert costs[0] == costs[1]
 
 
 @pytest.mark.parametrize("steps, guidance_scale", [(1, 2.0), (3, 3.5)])

@@ -301,8 +301,9 @@ def pipeline_cost(pipe, sampler: str | None = None, steps: int | None = None, gu
     """FLOPs per image of ``pipe`` (a ``TextToImagePipeline``) for a sampler, step count and guidance.
 
     The per-call FLOPs are counted on a real one-image, one-step run of the pipeline (so they
-    follow whatever denoiser, resolution and context length it has); the number of calls comes
-    from ``sampler_calls``. For ``sampler="lcm"`` that run is an LCM step, so what is counted is
+    follow whatever denoiser, resolution and context length it has), on one thread: with guidance
+    the U-Net runs the part its two rows share once, as it does whenever a batch gives every thread
+    whole images (``backend.map_row_pairs``). The number of calls comes from ``sampler_calls``. For ``sampler="lcm"`` that run is an LCM step, so what is counted is
     the distilled student (``pipe.lcm_unet``, with its guidance embedding) on one row per image;
     it takes no negative prompt. Options left None take the pipeline's defaults. With
     ``seconds_per_image`` (measured by the caller) the achieved rate is added. Returns
@@ -323,9 +324,15 @@ def pipeline_cost(pipe, sampler: str | None = None, steps: int | None = None, gu
     if lcm and negative_prompt:
         raise ValueError("sampler lcm takes no negative prompt (its guidance is baked into the student)")
     network = pipe.lcm_unet if lcm else pipe.unet  # the network each denoiser call runs
-    with count_flops(pipe.text_encoder, network, pipe.vae, names=("text_encoder", "denoiser", "vae")) as count:
-        pipe(_a_prompt(pipe), num_images=1, steps=1, sampler="lcm" if lcm else "euler", guidance_scale=guidance_scale,
-             seed=0)
+    # one thread: the image's two guidance rows stay together, as they do in any batch of at least
+    # one image per thread, so the U-Net runs their shared start once (UNet._guidance_halves)
+    threads, pipe.threads = pipe.threads, 1
+    try:
+        with count_flops(pipe.text_encoder, network, pipe.vae, names=("text_encoder", "denoiser", "vae")) as count:
+            pipe(_a_prompt(pipe), num_images=1, steps=1, sampler="lcm" if lcm else "euler",
+                 guidance_scale=guidance_scale, seed=0)
+    finally:
+        pipe.threads = threads
     per_row = count.within("denoiser") / rows  # one call on `rows` rows
     text = count.within("text_encoder")
     decoder = count.within("vae.decoder")
