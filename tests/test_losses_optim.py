@@ -337,6 +337,36 @@ def test_ema_state_round_trip_continues_identically():
         np.testing.assert_array_equal(ema.shadow[k], other.shadow[k])
 
 
+def test_power_ema_decay_matches_its_closed_form():
+    """β_t = min(decay, (1 − 1/t)^(γ+1)): 0 at t = 1, the power below the cap, the cap above it."""
+    ema = EMA(Linear(1, 1), decay=0.9, power=3.0)
+    assert ema.decay_at(1) == 0.0
+    assert ema.decay_at(4) == pytest.approx((3 / 4) ** 4, rel=1e-15)
+    assert ema.decay_at(20) == pytest.approx(0.95**4, rel=1e-15)  # 0.815, below the cap
+    assert ema.decay_at(100) == 0.9  # (0.99)^4 = 0.961 > 0.9: capped
+    assert EMA(Linear(1, 1), decay=0.9).decay_at(1) == 0.9  # a constant decay ignores the step
+    with pytest.raises(ValueError, match="step t ≥ 1"):
+        ema.decay_at(None)
+    with pytest.raises(ValueError, match="must be positive"):
+        EMA(Linear(1, 1), power=0.0)
+
+
+def test_power_ema_weighs_step_tau_by_its_power_profile():
+    """After T updates the average is Σ_τ w_τ θ_τ with w_τ = (1 − β_τ) ∏_{s>τ} β_s; uncapped that is
+    (1 − β_τ)(τ/T)^(γ+1): the start's weights are forgotten (β_1 = 0) and the profile grows as τ^γ."""
+    gamma, steps = 2.5, 40
+    model = Linear(1, 1).double()
+    ema = EMA(model, decay=0.9999, power=gamma)
+    thetas = np.random.default_rng(0).standard_normal(steps)
+    for tau, theta in enumerate(thetas, start=1):
+        model.weight.data[...] = theta
+        ema.update(model, step=tau)
+    betas = np.array([(1 - 1 / tau) ** (gamma + 1) for tau in range(1, steps + 1)])
+    weights = (1 - betas) * (np.arange(1, steps + 1) / steps) ** (gamma + 1)
+    assert weights.sum() == pytest.approx(1.0, rel=1e-12)
+    assert float(ema.shadow["weight"][0, 0]) == pytest.approx(float(weights @ thetas), rel=1e-12)
+
+
 def test_ema_rejects_decay_of_one():
     with pytest.raises(ValueError, match=r"EMA decay must be in \[0, 1\)"):
         EMA(Linear(1, 1), 1.0)

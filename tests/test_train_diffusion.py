@@ -6,6 +6,7 @@ import pytest
 from tinydiff.io import load_checkpoint
 from tinydiff.models import UNet, UNetConfig
 from tinydiff.nn import Embedding, manual_seed
+from tinydiff.nn.optim import EMA
 from tinydiff.train import LoopConfig, TrainingDiverged, train_loop
 from tinydiff.train.diffusion import DiffusionTrainingConfig, LabelConditioning, diffusion_grads
 from tinydiff.train.pixel_digits import PixelDigitModel, fast_recipe, generate_digits
@@ -89,9 +90,10 @@ def test_threaded_training_resumes_bitwise_exactly(tmp_path):
         assert np.array_equal(a.data, b.data), name
 
 
-def test_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("ema_power", [None, 2.0])
+def test_resume_is_bitwise_exact(tmp_path, ema_power):
     data, labels = tiny_data()
-    loop = LoopConfig(total_steps=8, warmup_steps=2, checkpoint_every=3, ema_decay=0.9)
+    loop = LoopConfig(total_steps=8, warmup_steps=2, checkpoint_every=3, ema_decay=0.9, ema_power=ema_power)
     straight = make_model()
     r1 = run(straight, data, labels, loop)
     interrupted = make_model()
@@ -104,6 +106,32 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert r1["history"] == r2["history"]
     for name in r1["ema"].shadow:
         assert np.array_equal(r1["ema"].shadow[name], r2["ema"].shadow[name]), name
+
+
+def test_the_loop_numbers_a_power_emas_updates_from_one_over_the_whole_run(tmp_path):
+    """With ema_power the loop passes each update its step t = 1, 2, …: the first update copies the
+    weights (β_1 = 0), and after a resume t goes on from the checkpoint, not from 1 again."""
+    data, labels = tiny_data()
+    loop = LoopConfig(total_steps=5, warmup_steps=2, checkpoint_every=3, ema_decay=0.99, ema_power=1.0)
+    seen = []
+
+    class Spy(EMA):
+        def update(self, model, step=None):
+            seen.append(step)
+            super().update(model, step)
+
+    import tinydiff.train.loop as loop_module
+    original, loop_module.EMA = loop_module.EMA, Spy
+    try:
+        model = make_model()
+        path = tmp_path / "state.npz"
+        first = run(model, data, labels, loop, checkpoint_path=path, stop_at=1)
+        for name, p in model.named_parameters():  # one update: the average is the weights
+            assert np.array_equal(first["ema"].shadow[name], p.data), name
+        run(make_model(), data, labels, loop, checkpoint_path=path, resume=True)
+    finally:
+        loop_module.EMA = original
+    assert seen == [1, 2, 3, 4, 5]
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):

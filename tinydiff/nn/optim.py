@@ -83,20 +83,42 @@ def warmup_cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_step
 
 
 class EMA:
-    """Exponential moving average of a model's weights: θ̄ ← d·θ̄ + (1 − d)·θ.
+    """Exponential moving average of a model's weights: θ̄ ← β·θ̄ + (1 − β)·θ after every step.
+
+    With a constant β (``decay``) the average forgets slowly from the start: after t steps the
+    random initial weights still hold β^t of it (0.999^3000 ≈ 5%) and its mean lags the live
+    weights by about 1/(1 − β) steps (1,000 at 0.999), so early in a run the average is worse than
+    the weights it averages. With ``power`` γ, the decay grows with the step count t = 1, 2, …:
+
+        β_t = min(decay, (1 − 1/t)^(γ+1))          (Karras et al. 2024, Sec. 3: the power-function EMA profile)
+
+    β_1 = 0 (the first update copies the weights), and the average weighs step τ ≤ t in proportion
+    to τ^γ: it always covers the same fraction of the run so far, and its mean lags the live weights
+    by t/(γ + 2) steps. ``decay`` caps β_t, so the averaging window stops growing there.
 
     Samples are usually drawn with the averaged weights (``copy_to(model)`` on a copy of the
     model, or ``swapped(model)`` for a temporary swap).
     """
 
-    def __init__(self, model: Module, decay: float = 0.999):
+    def __init__(self, model: Module, decay: float = 0.999, power: float | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        if power is not None and not power > 0:
+            raise ValueError(f"EMA power γ must be positive (the average weighs step τ by τ^γ), got {power}")
+        self.decay, self.power = decay, power
         self.shadow = {name: p.data.copy() for name, p in model.named_parameters()}
 
-    def update(self, model: Module) -> None:
-        d = self.decay
+    def decay_at(self, step: int | None) -> float:
+        """β for the ``step``-th update (1-based); a constant ``decay`` ignores the step."""
+        if self.power is None:
+            return self.decay
+        if step is None or step < 1:
+            raise ValueError(f"a power-function EMA needs the update's step t ≥ 1, got {step}")
+        return min(self.decay, (1.0 - 1.0 / step) ** (self.power + 1.0))
+
+    def update(self, model: Module, step: int | None = None) -> None:
+        """θ̄ ← β θ̄ + (1 − β) θ, with β = ``decay_at(step)`` (step: this update's 1-based number)."""
+        d = self.decay_at(step)
         for name, p in model.named_parameters():
             s = self.shadow[name]
             s *= d

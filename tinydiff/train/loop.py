@@ -59,6 +59,7 @@ class LoopConfig:
     betas: tuple = (0.9, 0.999)  # AdamW's moment decay rates
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     ema_decay: float | None = 0.999  # None disables the EMA copy
+    ema_power: float | None = None  # γ: β_t = min(ema_decay, (1 − 1/t)^(γ+1)) (nn.optim.EMA); None: β = ema_decay
     checkpoint_every: int = 500  # steps between atomic checkpoints (also written at the end)
     seed: int = 0  # seeds the generator that draws batches, timesteps and noise
 
@@ -97,7 +98,7 @@ def train_loop(
     """
     params = model.parameters()
     optimizer = AdamW(params, lr=loop.lr, betas=loop.betas, weight_decay=loop.weight_decay)
-    ema = EMA(model, loop.ema_decay) if loop.ema_decay is not None else None
+    ema = EMA(model, loop.ema_decay, power=loop.ema_power) if loop.ema_decay is not None else None
     generator = make_rng(loop.seed)
     history: list[float] = []
     start = 0
@@ -146,7 +147,7 @@ def train_loop(
                               warmup_steps=loop.warmup_steps, min_lr=loop.min_lr)
         optimizer.step(lr)
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step=optimizer.step_count)  # t = 1, 2, … over the whole (resumed) run
         history.append(float(loss))
         done = step + 1
         if callback is not None:
