@@ -62,6 +62,16 @@ def test_quick_training_writes_a_loadable_pipeline(quick_run):
     assert images.shape == (2, 28, 28) and images.dtype == np.uint8
 
 
+def test_the_recipes_denoiser_keeps_a_power_function_average(quick_run):
+    """The U-Net stage's loop runs the recipe's EMA (RecipeConfig.ema_power), as its checkpoint records."""
+    from tinydiff.io import load_checkpoint
+    from tinydiff.train.recipes import RecipeConfig
+
+    loop = load_checkpoint(quick_run / "unet" / "state.npz")[1]["extra"]["loop"]
+    assert RecipeConfig().ema_power == 16.0
+    assert loop["ema_power"] == 16.0 and loop["ema_decay"] == 0.999
+
+
 def test_sample_writes_npy_and_png(quick_run, tmp_path):
     npy = tmp_path / "digits.npy"
     result = tinydiff("sample", "a thin 3", "--model", str(quick_run / "model"), "--num-images", "3",

@@ -13,6 +13,12 @@ and an optional fourth, run only when asked for (``--stages lcm``, once the thre
 then the EMA weights of the three are assembled into a ``TextToImagePipeline`` saved in
 ``OUT/model``, with a loss plot per stage and a grid of samples.
 
+**The denoiser's weight average** is a power-function EMA (``RecipeConfig.ema_power`` γ = 16,
+``nn.optim.EMA``): β_t = (1 − 1/t)^17 averages about the last t/18 steps of a t-step run, where a
+constant β = 0.999 averages the last ~1,000 from step 0 on and, a few thousand steps in, still
+holds the early weights. The live weights, and so every training step, are the same either way;
+only what the recipe ships early in a run changes (README, "Time to quality").
+
 **The DiT instead of the U-Net** (``RecipeConfig.denoiser = "dit"``, ``tinydiff train
 mnist-captions --denoiser dit``): the third stage is named ``dit`` and trains the diffusion
 transformer of ``latent_dit_config`` (checkpoint OUT/dit/state.npz), and the pipeline is saved
@@ -102,6 +108,7 @@ class RecipeConfig(ConfigMixin):
     unet_steps: int = 6000  # latent U-Net steps (the denoiser stage's, a DiT's too)
     unet_batch_size: int = 64  # latents per U-Net step
     unet_lr: float = 1e-3  # peak learning rate of the U-Net
+    ema_power: float | None = 16.0  # the denoiser's weight average: power-function EMA γ (nn.optim.EMA); None: β = 0.999
     schedule: str = "linear"  # the U-Net's β schedule (diffusion.schedules.SCHEDULES)
     denoiser: str = "unet"  # the denoiser stage's network: "unet" (latent_unet_config) or "dit" (latent_dit_config)
     loss_weighting: str = "plain"  # the denoiser's loss: plain (DDPM eq. 14) or min_snr (Hang et al. 2023, γ = 5)
@@ -296,7 +303,7 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
                                             seed=config.seed)  # a U-Net or a DiT: the same interface
     if den in stages:
         unet_loop = LoopConfig(total_steps=config.unet_steps, lr=config.unet_lr, warmup_steps=200, ema_decay=0.999,
-                               checkpoint_every=500)
+                               ema_power=config.ema_power, checkpoint_every=500)
 
         def fit_unet(cb):
             result = train_latent_unet(unet, vae, text_encoder, tokenizer, train,
