@@ -84,7 +84,6 @@ folder with one CheckpointError ("tampered or damaged model folder").
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -95,7 +94,7 @@ from pathlib import Path
 import numpy as np
 
 from . import editing
-from .backend import backend_of, cpu_count, get_xp, map_row_pairs, map_rows, to_device, to_numpy
+from .backend import backend_of, get_xp, map_row_pairs, map_rows, to_device, to_numpy
 from .config import ConfigError, ConfigMixin
 from .data.mnist import IMAGE_SIZE, from_model_range
 from .data.scenes import CANVAS
@@ -239,7 +238,6 @@ class TextToImagePipeline:
             raise ValueError("lcm_unet must be a consistency-distilled student (UNetConfig.guidance_embedding=True)")
         self.lcm_unet = lcm_unet
         self.threads: int | None = None  # CPU threads for the U-Net's rows (None: one per core)
-        self._workers = None  # train.parallel.ForwardWorkers inside worker_processes(), else None
         self.diffusion = diffusion.sampling_config()
         self.defaults = defaults or SamplingDefaults()
         self.config = config or PipelineConfig()
@@ -345,34 +343,9 @@ class TextToImagePipeline:
         net = self.denoiser_net
         threads = 1 if net.has_attention_callbacks else self.threads
         split = map_row_pairs if guidance_scale != 1 else map_rows
-        model = lambda x, t, c: split(net, x, t, c, threads=threads)  # noqa: E731
-        if self._workers is not None and not net.has_attention_callbacks:  # inside worker_processes()
-            workers = self._workers
-            model = lambda x, t, c: workers(x, t, c, pairs=guidance_scale != 1)  # noqa: E731
-        return Denoiser(model, self.schedule,
+        return Denoiser(lambda x, t, c: split(net, x, t, c, threads=threads), self.schedule,
                         self.diffusion.prediction_type, context=context, uncond_context=uncond,
                         guidance_scale=guidance_scale)
-
-    @contextlib.contextmanager
-    def worker_processes(self, count: int | None = None):
-        """Inside ``with pipe.worker_processes():`` the denoiser's rows are shared with ``count``
-        worker processes (default: one per core beyond the first) instead of threads, for batch work
-        (``tinydiff eval``, many images, a chapter's loops): processes do not share Python's lock.
-        Starting them costs about a second, which only a batch wins back; a single call of the
-        pipeline keeps its threads. The images are the same either way. On CuPy, on one core, or with
-        an attention callback, nothing changes."""
-        count = cpu_count() - 1 if count is None else count
-        if count < 1 or self.backend != "numpy" or self._workers is not None:
-            yield self
-            return
-        from .train.parallel import ForwardWorkers
-
-        self._workers = ForwardWorkers(self.denoiser_net, count)
-        try:
-            yield self
-        finally:
-            self._workers.close()
-            self._workers = None
 
     def missing_student_message(self) -> str:
         """The one-line error for ``sampler="lcm"`` on a pipeline without a distilled student."""
