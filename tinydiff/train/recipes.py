@@ -68,8 +68,12 @@ Folder layout::
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -232,40 +236,40 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
     emit = callback or (lambda event: None)
     train, clip_tokenizer = _training_data(config)
 
-    def run_stage(name, total_steps, fn):
+    def finish_stage(name, total_steps, seconds, history, peak_rss_mb):
+        record["seconds"][name] = record["seconds"].get(name, 0.0) + seconds
+        record.setdefault("peak_rss_mb", {})[name] = peak_rss_mb  # the stage's process (not the U-Net's workers)
+        save_json(record_path, record)
+        _plot_loss(history, out / name / "loss.png", name)
+        emit({"stage": name, "event": "end", "total_steps": total_steps, "seconds": seconds})
+
+    def run_stage(name, total_steps, fn, after_step=None):
         emit({"stage": name, "event": "start", "total_steps": total_steps})
         start = time.perf_counter()
+
+        def step_event(d):
+            emit({**d, "stage": name})
+            if after_step is not None:
+                after_step()
+
         with blas_threads(1):  # tinydiff's GEMMs are too small to share; the U-Net shares its batch instead
-            result = fn(lambda d: emit({**d, "stage": name}))
-        seconds = time.perf_counter() - start
-        record["seconds"][name] = record["seconds"].get(name, 0.0) + seconds
-        record.setdefault("peak_rss_mb", {})[name] = _peak_rss_mb()  # this process (not the U-Net's workers)
-        save_json(record_path, record)
-        _plot_loss(result["history"], out / name / "loss.png", name)
-        emit({"stage": name, "event": "end", "total_steps": total_steps, "seconds": seconds})
+            result = fn(step_event)
+        finish_stage(name, total_steps, time.perf_counter() - start, result["history"], _peak_rss_mb())
         return result
 
-    # -- stage 1: CLIP --------------------------------------------------------------------------
-    if "clip" in stages:
-        def fit_clip(cb):
-            text = TextEncoderConfig(vocab_size=clip_tokenizer.vocab_size, max_length=clip_tokenizer.max_length)
-            _, _, result = train_clip(
-                CLIPConfig(text=text), loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed),
-                batch_size=config.clip_batch_size, data=train, tokenizer=clip_tokenizer,
-                checkpoint_path=paths["clip"], resume=resume, callback=cb, text_objective=config.text_objective)
-            return result
+    # -- stages 1 and 2 side by side: each runs on one core, so with two cores the vae stage trains in
+    # a process of its own while the clip stage trains here (the same arithmetic as one after the other)
+    vae_process = None
+    if "clip" in stages and "vae" in stages and (cpu_count() if config.threads is None else config.threads) > 1:
+        emit({"stage": "vae", "event": "start", "total_steps": config.vae_steps})
+        vae_process = _StageProcess(_vae_stage_process, (config.to_dict(), str(paths["vae"]), resume), "vae")
 
-        run_stage("clip", config.clip_steps, fit_clip)
-
-    # -- stage 2: the autoencoder -----------------------------------------------------------------
-    if "vae" in stages:
-        def fit_vae(cb):
-            _, result = train_autoencoder(
-                loop=_stage_loop(vae_default_loop(), config.vae_steps, config.seed), images=train.images,
-                checkpoint_path=paths["vae"], resume=resume, callback=cb)
-            return result
-
-        run_stage("vae", config.vae_steps, fit_vae)
+    try:
+        _first_stages(config, stages, paths, resume, train, clip_tokenizer, run_stage, finish_stage, emit,
+                      vae_process)
+    finally:
+        if vae_process is not None:
+            vae_process.close()
 
     missing = [s for s in needed if not paths[s].exists()]
     if "lcm" in stages and "unet" not in stages and missing:
@@ -353,6 +357,100 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
 def model_folder_name(config: RecipeConfig) -> str:
     """Where in OUT the pipeline is saved: "model" for the U-Net, "model-dit" for the DiT."""
     return "model" if config.denoiser == "unet" else f"model-{config.denoiser}"
+
+
+
+def _fit_vae(config: RecipeConfig, path: Path, resume: bool, images, callback) -> dict:
+    """Stage 2, the autoencoder, with the recipe's settings; train_loop's result."""
+    _, result = train_autoencoder(loop=_stage_loop(vae_default_loop(), config.vae_steps, config.seed), images=images,
+                                  checkpoint_path=path, resume=resume, callback=callback)
+    return result
+
+
+def _first_stages(config, stages, paths, resume, train, clip_tokenizer, run_stage, finish_stage, emit,
+                  vae_process) -> None:
+    """Stages 1 (clip) and 2 (vae): one after the other here, or, with ``vae_process``, the vae
+    stage in that process while the clip stage runs here (its events relayed after each clip step)."""
+    if "clip" in stages:
+        def fit_clip(cb):
+            text = TextEncoderConfig(vocab_size=clip_tokenizer.vocab_size, max_length=clip_tokenizer.max_length)
+            _, _, result = train_clip(
+                CLIPConfig(text=text), loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed),
+                batch_size=config.clip_batch_size, data=train, tokenizer=clip_tokenizer,
+                checkpoint_path=paths["clip"], resume=resume, callback=cb, text_objective=config.text_objective)
+            return result
+
+        run_stage("clip", config.clip_steps, fit_clip,
+                  after_step=None if vae_process is None else lambda: vae_process.relay(emit))
+
+    if vae_process is not None:
+        seconds, history, peak = vae_process.relay(emit, until_done=True)
+        finish_stage("vae", config.vae_steps, seconds, history, peak)
+    elif "vae" in stages:
+        run_stage("vae", config.vae_steps, lambda cb: _fit_vae(config, paths["vae"], resume, train.images, cb))
+
+
+def _vae_stage_process(conn, config_dict: dict, path: str, resume: bool) -> None:
+    """The vae stage in a process of its own (spawned by ``_StageProcess``): trains as the main
+    process would, sending ("step", event) after every step, then ("end", seconds, loss history,
+    peak memory), or ("error", exception). Ctrl-C is the main process's to handle: it stops this one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        config = RecipeConfig.from_dict(config_dict)
+        train, _ = _training_data(config)
+        start = time.perf_counter()
+        with blas_threads(1):
+            result = _fit_vae(config, Path(path), resume, train.images, lambda d: conn.send(("step", d)))
+        conn.send(("end", time.perf_counter() - start, result["history"], _peak_rss_mb()))
+    except Exception as err:  # noqa: BLE001 - handed to the main process, which raises it
+        try:
+            conn.send(("error", err))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its text instead
+            conn.send(("error", RecipeError(f"the {Path(path).parent.name} stage failed:\n{traceback.format_exc()}")))
+
+
+class _StageProcess:
+    """A training stage running in a spawned process; ``relay`` passes its events on."""
+
+    def __init__(self, target, args: tuple, name: str):
+        context = multiprocessing.get_context("spawn")
+        self.name = name
+        self.conn, theirs = context.Pipe(duplex=False)
+        self.process = context.Process(target=target, args=(theirs,) + args, daemon=True, name=f"tinydiff-{name}")
+        self.process.start()
+        theirs.close()
+
+    def relay(self, emit, until_done: bool = False):
+        """Emit the stage's step events received so far (all of them, to its end, with
+        ``until_done``); at the end returns (seconds, history, peak memory), else None."""
+        while True:
+            if not until_done and not self.conn.poll():
+                return None
+            if until_done:
+                multiprocessing.connection.wait([self.conn, self.process.sentinel])
+            try:
+                message = self.conn.recv()
+            except EOFError:
+                self.process.join(timeout=5)
+                raise RecipeError(
+                    f"the {self.name} stage's process stopped (exit code {self.process.exitcode}); its last "
+                    "checkpoint is kept: continue with --resume. If this runs from a script, train under "
+                    "`if __name__ == \"__main__\":` (the process is spawned and imports the script)") from None
+            kind, *rest = message
+            if kind == "step":
+                emit({**rest[0], "stage": self.name})
+            elif kind == "end":
+                self.process.join()
+                return tuple(rest)
+            else:
+                raise rest[0]
+
+    def close(self) -> None:
+        """Stop the process if it still runs (an error or Ctrl-C here); its checkpoint stays."""
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join(timeout=5)
+        self.conn.close()
 
 
 def _peak_rss_mb() -> float | None:
