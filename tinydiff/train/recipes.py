@@ -13,6 +13,13 @@ and an optional fourth, run only when asked for (``--stages lcm``, once the thre
 then the EMA weights of the three are assembled into a ``TextToImagePipeline`` saved in
 ``OUT/model``, with a loss plot per stage and a grid of samples.
 
+The clip and vae stages do not depend on each other and each runs on one core (their matrix
+products are too small to share), so with two or more cores (``RecipeConfig.threads``, default
+one per core) the vae stage trains in a spawned process of its own while the clip stage trains in
+the main one: the same arithmetic, so the same checkpoints, as one after the other, in about the
+clip stage's time instead of both (``tests/test_recipe_stages.py``). As with the U-Net's gradient
+workers, a script that trains must do so under ``if __name__ == "__main__":``.
+
 **The denoiser's weight average** is a power-function EMA (``RecipeConfig.ema_power`` γ = 16,
 ``nn.optim.EMA``): β_t = (1 − 1/t)^17 averages about the last t/18 steps of a t-step run, where a
 constant β = 0.999 averages the last ~1,000 from step 0 on and, a few thousand steps in, still
