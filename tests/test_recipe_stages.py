@@ -4,6 +4,7 @@ its own while the clip stage trains in the main one; the same checkpoints as one
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -64,3 +65,23 @@ def test_a_vae_process_that_dies_is_a_clear_error_and_resume_finishes(tmp_path):
         train_mnist_captions(out, config=config(2), stages=["clip", "vae"], callback=kill_it)
     train_mnist_captions(out, config=config(2), stages=["clip", "vae"], resume=True)
     assert (out / "vae" / "state.npz").exists() and (out / "clip" / "state.npz").exists()
+
+
+def test_a_vae_stage_that_ends_before_the_clip_stage(tmp_path):
+    """The vae process finishes and exits while the clip stage still trains: its end message is
+    kept, not mistaken for a process that stopped."""
+    seen = []
+
+    def slow_clip(event):
+        seen.append(event)
+        if event["stage"] == "clip" and event.get("step") == 1:  # wait here until the vae process has exited
+            deadline = time.time() + 60
+            while any(c.name == "tinydiff-vae" for c in multiprocessing.active_children()) and time.time() < deadline:
+                time.sleep(0.05)
+
+    train_mnist_captions(tmp_path / "run", config=replace(config(2), vae_steps=2), stages=["clip", "vae"],
+                         callback=slow_clip)
+    vae_end = next(i for i, e in enumerate(seen) if e["stage"] == "vae" and e.get("event") == "end")
+    clip_steps = [i for i, e in enumerate(seen) if e["stage"] == "clip" and "step" in e]
+    assert clip_steps[0] < [i for i, e in enumerate(seen) if e["stage"] == "vae" and "step" in e][0]  # relayed later
+    assert vae_end > clip_steps[0]

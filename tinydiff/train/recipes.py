@@ -426,11 +426,12 @@ class _StageProcess:
         self.process = context.Process(target=target, args=(theirs,) + args, daemon=True, name=f"tinydiff-{name}")
         self.process.start()
         theirs.close()
+        self.result = None  # (seconds, history, peak memory) once the stage has ended
 
     def relay(self, emit, until_done: bool = False):
         """Emit the stage's step events received so far (all of them, to its end, with
-        ``until_done``); at the end returns (seconds, history, peak memory), else None."""
-        while True:
+        ``until_done``); once it has ended returns (seconds, history, peak memory), else None."""
+        while self.result is None:
             if not until_done and not self.conn.poll():
                 return None
             if until_done:
@@ -448,9 +449,10 @@ class _StageProcess:
                 emit({**rest[0], "stage": self.name})
             elif kind == "end":
                 self.process.join()
-                return tuple(rest)
+                self.result = tuple(rest)
             else:
                 raise rest[0]
+        return self.result
 
     def close(self) -> None:
         """Stop the process if it still runs (an error or Ctrl-C here); its checkpoint stays."""
