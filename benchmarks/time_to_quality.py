@@ -152,6 +152,10 @@ def main() -> None:
     parser.add_argument("--weights", choices=["ema", "last"], default="ema",
                         help="the snapshots' weights to evaluate: the moving average (default, what the recipe ships) or the last")
     parser.add_argument("--from-step", type=int, default=0, help="--evaluate-only: only snapshots from this U-Net step on")
+    parser.add_argument("--compare", type=Path, metavar="RUN",
+                        help="also draw the curves of another run folder of this script (e.g. an older recipe's)")
+    parser.add_argument("--figure", type=Path, help="write the figure here too (e.g. figures/time_to_quality.png)")
+    parser.add_argument("--plot-only", action="store_true", help="only draw the figure from the run's evaluated JSON files")
     args = parser.parse_args()
     if args.every % 500:
         parser.error(f"--every must be a multiple of 500 (the loop checkpoints every 500 steps), got {args.every}")
@@ -164,20 +168,28 @@ def main() -> None:
              "vae_steps": args.vae_steps}
     base = replace(quick_recipe(), unet_steps=1000) if args.quick else RecipeConfig()
     config = replace(base, **{k: v for k, v in given.items() if v is not None})
-    if args.evaluate_only:
+    if args.plot_only:
+        pass
+    elif args.evaluate_only:
         snapshots = [s for s in json.loads((args.out / "snapshots.json").read_text()) if s["step"] >= args.from_step]
     else:
         snapshots = train_with_snapshots(args.out, config, args.every, args.stop_after)
-    rows = evaluate_snapshots(args.out, snapshots, args.n_per_digit, args.weights)
     name = "time_to_quality" if args.weights == "ema" else "time_to_quality_last"
-    (args.out / f"{name}.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=1))
+    if not args.plot_only:
+        rows = evaluate_snapshots(args.out, snapshots, args.n_per_digit, args.weights)
+        (args.out / f"{name}.json").write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=1))
     settings = ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) or "the default recipe"
-    curves = {}  # every set of weights evaluated so far in this run folder, in one plot
-    for weights, file in (("moving average (shipped)", "time_to_quality.json"), ("last weights", "time_to_quality_last.json")):
-        if (args.out / file).exists():
-            curves[weights] = json.loads((args.out / file).read_text())["rows"]
-    plot(curves, args.out / "time_to_quality.png", f"tinydiff train mnist-captions ({settings})")
-    print(f"wrote {args.out / (name + '.json')} and {args.out / 'time_to_quality.png'}")
+    curves = {}  # every set of weights evaluated so far in this run folder (and --compare's), in one plot
+    for folder in (args.out, args.compare):
+        tag = f" ({folder.name})" if args.compare else ""  # two runs: each curve names its folder
+        for weights, file in (("moving average (shipped)", "time_to_quality.json"),
+                              ("last weights", "time_to_quality_last.json")):
+            if folder is not None and (folder / file).exists():
+                curves[weights + tag] = json.loads((folder / file).read_text())["rows"]
+    figures = [args.out / "time_to_quality.png"] + ([args.figure] if args.figure else [])
+    for figure in figures:
+        plot(curves, figure, f"tinydiff train mnist-captions ({settings})")
+    print(f"wrote {args.out / (name + '.json')} and {', '.join(map(str, figures))}")
 
 
 if __name__ == "__main__":
