@@ -23,8 +23,9 @@ shared, loaded machine the ratio of two cases measured side by side (printed for
 sample64) is steadier than either absolute time.
 
 Each case runs in its own subprocess so its peak memory (ru_maxrss) is its own. FLOPs are
-counted, not estimated: every conv2d / linear / attention call in the pass is intercepted and
-its multiply-adds counted (2·M·N·K per GEMM; a backward pass costs two GEMMs per forward one).
+counted, not estimated, by ``tinydiff.cost.count_flops``: every convolution, linear layer and
+attention product of the pass, 2 FLOPs per multiply-add (a backward pass costs two GEMMs per
+forward one).
 A float32 GEMM of 1024³ measured in the same run gives the machine's rate for comparison.
 
 ``--reference`` times the layers' reference implementations instead of the fast ones (it sets
@@ -38,7 +39,6 @@ command: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -52,51 +52,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tinydiff import cost  # noqa: E402  (after the checkout is on the path)
+
 CASES = ("pixel-train", "latent-train", "pixel-eval", "latent-eval", "sample64", "lcm4")
 SAMPLE_CASES = {"sample64": (None, 20), "lcm1": ("lcm", 1), "lcm2": ("lcm", 2), "lcm4": ("lcm", 4),
                 "lcm8": ("lcm", 8)}  # case → (sampler, None: the model's default; steps)
-
-
-@contextlib.contextmanager
-def count_flops():
-    """Count the forward FLOPs of every conv2d / linear / attention call made inside the block
-    (conv2d: the reference and the fast implementation, whichever the layers run)."""
-    from tinydiff.nn import conv as conv_module
-    from tinydiff.nn import fast_conv
-    from tinydiff.nn import functional as F
-
-    total = {"forward": 0}
-    originals = {name: getattr(F, name) for name in ("linear_forward", "attention_forward")}
-    conv_originals = {m: m.conv2d_forward for m in (conv_module, fast_conv)}
-
-    def counted_conv(module):
-        def conv(x, w, b=None, stride=1, padding=0):
-            out, cache = conv_originals[module](x, w, b, stride, padding)
-            total["forward"] += 2 * out.size * w[0].size  # (N·O·Ho·Wo) outputs × C·kh·kw MACs
-            return out, cache
-        return conv
-
-    def linear(x, w, b=None):
-        out, cache = originals["linear_forward"](x, w, b)
-        total["forward"] += 2 * out.size * w.shape[1]
-        return out, cache
-
-    def attention(q, k, v, mask=None):
-        out, cache = originals["attention_forward"](q, k, v, mask)
-        total["forward"] += 2 * cache.p.size * (q.shape[-1] + v.shape[-1])  # QKᵀ and PV
-        return out, cache
-
-    for name, fn in (("linear_forward", linear), ("attention_forward", attention)):
-        setattr(F, name, fn)
-    for module in conv_originals:
-        module.conv2d_forward = counted_conv(module)
-    try:
-        yield total
-    finally:
-        for name, fn in originals.items():
-            setattr(F, name, fn)
-        for module, fn in conv_originals.items():
-            module.conv2d_forward = fn
 
 
 def _synchronize() -> None:
@@ -153,9 +113,9 @@ def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
             with no_grad():
                 unet(x, t, context)
 
-    with count_flops() as flops:
+    with cost.count_flops(unet) as flops:
         step()
-    total = flops["forward"] * (3 if train else 1)  # backward: two GEMMs per forward GEMM
+    total = flops.total * (3 if train else 1)  # backward: two GEMMs per forward GEMM
     seconds = best_time(step, repeats)
     result = {"params": unet.num_parameters(), "batch": batch, "seconds": seconds, "samples_per_s": batch / seconds,
               "flops_per_sample": total / batch, "gflops_per_s": total / seconds / 1e9}
@@ -165,10 +125,10 @@ def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
         vae = AutoencoderKL()
         vae.config.scaling_factor = 1.0
         z = to_device(gen.standard_normal((batch, 4, 8, 8)).astype(np.float32))
-        with count_flops() as dflops:
+        with cost.count_flops(vae) as dflops:
             vae.decode_from_diffusion(z)
         result["decoder_seconds"] = best_time(lambda: vae.decode_from_diffusion(z), repeats)
-        result["decoder_flops_per_sample"] = dflops["forward"] / batch
+        result["decoder_flops_per_sample"] = dflops.total / batch
     return result
 
 
