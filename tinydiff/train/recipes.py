@@ -273,8 +273,24 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         vae_process = _StageProcess(_vae_stage_process, (config.to_dict(), str(paths["vae"]), resume), "vae")
 
     try:
-        _first_stages(config, stages, paths, resume, train, clip_tokenizer, run_stage, finish_stage, emit,
-                      vae_process)
+        # -- stage 1: CLIP (with the vae process's events relayed after each of its steps) --------
+        if "clip" in stages:
+            def fit_clip(cb):
+                text = TextEncoderConfig(vocab_size=clip_tokenizer.vocab_size, max_length=clip_tokenizer.max_length)
+                _, _, result = train_clip(
+                    CLIPConfig(text=text), loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed),
+                    batch_size=config.clip_batch_size, data=train, tokenizer=clip_tokenizer,
+                    checkpoint_path=paths["clip"], resume=resume, callback=cb, text_objective=config.text_objective)
+                return result
+
+            run_stage("clip", config.clip_steps, fit_clip,
+                      after_step=None if vae_process is None else lambda: vae_process.relay(emit))
+
+        # -- stage 2: the autoencoder, here or waited for ------------------------------------------
+        if vae_process is not None:
+            finish_stage("vae", config.vae_steps, *vae_process.relay(emit, until_done=True))
+        elif "vae" in stages:
+            run_stage("vae", config.vae_steps, lambda cb: _fit_vae(config, paths["vae"], resume, train.images, cb))
     finally:
         if vae_process is not None:
             vae_process.close()
@@ -373,29 +389,6 @@ def _fit_vae(config: RecipeConfig, path: Path, resume: bool, images, callback) -
     _, result = train_autoencoder(loop=_stage_loop(vae_default_loop(), config.vae_steps, config.seed), images=images,
                                   checkpoint_path=path, resume=resume, callback=callback)
     return result
-
-
-def _first_stages(config, stages, paths, resume, train, clip_tokenizer, run_stage, finish_stage, emit,
-                  vae_process) -> None:
-    """Stages 1 (clip) and 2 (vae): one after the other here, or, with ``vae_process``, the vae
-    stage in that process while the clip stage runs here (its events relayed after each clip step)."""
-    if "clip" in stages:
-        def fit_clip(cb):
-            text = TextEncoderConfig(vocab_size=clip_tokenizer.vocab_size, max_length=clip_tokenizer.max_length)
-            _, _, result = train_clip(
-                CLIPConfig(text=text), loop=_stage_loop(clip_default_loop(), config.clip_steps, config.seed),
-                batch_size=config.clip_batch_size, data=train, tokenizer=clip_tokenizer,
-                checkpoint_path=paths["clip"], resume=resume, callback=cb, text_objective=config.text_objective)
-            return result
-
-        run_stage("clip", config.clip_steps, fit_clip,
-                  after_step=None if vae_process is None else lambda: vae_process.relay(emit))
-
-    if vae_process is not None:
-        seconds, history, peak = vae_process.relay(emit, until_done=True)
-        finish_stage("vae", config.vae_steps, seconds, history, peak)
-    elif "vae" in stages:
-        run_stage("vae", config.vae_steps, lambda cb: _fit_vae(config, paths["vae"], resume, train.images, cb))
 
 
 def _vae_stage_process(conn, config_dict: dict, path: str, resume: bool) -> None:
