@@ -114,7 +114,7 @@ def test_a_scenes_pipeline_returns_the_whole_canvas_and_a_digits_pipeline_its_cr
 
 
 def test_image_size_and_conditioning_are_saved_and_read_back(pipe, scenes_folder):
-    assert manifest_of(scenes_folder)["pipeline"] == {"image_size": 32, "conditioning": "tokens"}
+    assert manifest_of(scenes_folder)["pipeline"] == {"image_size": 32, "conditioning": "tokens", "space": "latent"}
     loaded = TextToImagePipeline.from_pretrained(scenes_folder)
     assert (loaded.image_size, loaded.conditioning) == (32, "tokens")
     np.testing.assert_array_equal(loaded(PROMPTS[:2], seed=1), pipe(PROMPTS[:2], seed=1))
@@ -133,7 +133,7 @@ def test_a_folder_without_the_pipeline_section_returns_28_pixel_digits_as_before
 
 
 @pytest.mark.parametrize("section", [{"image_size": 30}, {"image_size": "32"}, {"image_size": 32.0},
-                                     {"conditioning": "mean"}, {"crop": True}, None, [32]])
+                                     {"conditioning": "mean"}, {"space": "voxel"}, {"crop": True}, None, [32]])
 def test_a_bad_pipeline_section_is_refused_in_one_line(folder, section):
     manifest = manifest_of(folder)
     manifest["pipeline"] = section
@@ -159,7 +159,7 @@ def test_the_upgrade_command_makes_an_old_scenes_folder_return_32_pixels_and_rew
     result = subprocess.run(command.replace("python", sys.executable, 1), shell=True, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert {f.name: sha256_file(f) for f in folder.glob("*.npz")} == weights
-    assert manifest_of(folder)["pipeline"] == {"image_size": 32, "conditioning": "tokens"}
+    assert manifest_of(folder)["pipeline"] == {"image_size": 32, "conditioning": "tokens", "space": "latent"}
     assert TextToImagePipeline.from_pretrained(folder)("two 7s").shape == (1, 32, 32)
 
 
@@ -394,7 +394,8 @@ def test_training_gives_the_unet_the_pooled_context(tmp_path, monkeypatch):
     assert prompted > 0
     assert load_checkpoint(tmp_path / "run" / "unet" / "state.npz")[1]["config"]["conditioning"] == "pooled"
     assert pipe.conditioning == "pooled"
-    assert manifest_of(tmp_path / "run" / "model")["pipeline"] == {"image_size": 32, "conditioning": "pooled"}
+    assert manifest_of(tmp_path / "run" / "model")["pipeline"] == {"image_size": 32, "conditioning": "pooled",
+                                                                    "space": "latent"}
 
 
 def test_caption_conditioning_with_tokens_is_the_text_encoders_states(pipe):

@@ -64,8 +64,8 @@ def _use_backend(name: str | None) -> None:
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
-    from .train.recipes import (DENOISERS, RecipeConfig, dit_recipe, model_folder_name, quick_recipe, recipe_stages,
-                                train_mnist_captions)
+    from .train.recipes import (DENOISERS, SPACES, RecipeConfig, dit_recipe, model_folder_name, pixel_recipe,
+                                quick_recipe, recipe_stages, train_mnist_captions)
 
     if args.recipe not in RECIPES:
         raise CLIError(f"unknown recipe {args.recipe!r}; available: {', '.join(RECIPES)}")
@@ -73,11 +73,15 @@ def cmd_train(args) -> int:
         raise CLIError(f"--denoiser must be {' or '.join(DENOISERS)}, got {args.denoiser!r}")
     if args.conditioning not in CONDITIONINGS:
         raise CLIError(f"--conditioning must be {' or '.join(CONDITIONINGS)}, got {args.conditioning!r}")
+    if args.space not in SPACES:
+        raise CLIError(f"--space must be {' or '.join(SPACES)}, got {args.space!r}")
+    if args.space == "pixel" and args.denoiser != "unet":
+        raise CLIError("--space pixel trains a U-Net; drop --denoiser dit")
     if args.quick:
         config = quick_recipe()
-        config.denoiser = args.denoiser
+        config.denoiser, config.space = args.denoiser, args.space
     else:
-        config = dit_recipe() if args.denoiser == "dit" else RecipeConfig()
+        config = dit_recipe() if args.denoiser == "dit" else pixel_recipe() if args.space == "pixel" else RecipeConfig()
     config.data = RECIPES[args.recipe]
     config.conditioning = args.conditioning
     config.text_objective = args.text_objective
@@ -585,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the clip stage's loss: contrastive (default; InfoNCE, Radford et al. 2021) or slots "
                             "(mnist-scenes only: InfoNCE plus a token-level loss, each digit token predicts where its "
                             "digit goes; the ablation of a richer text encoder)")
+    train.add_argument("--space", default="latent",
+                       help="what the U-Net denoises: latent (default; VAE latents, as Stable Diffusion) or pixel (the "
+                            "32×32 pictures themselves, no vae stage; the ablation of the autoencoder, at the latent "
+                            "U-Net's training time)")
     train.add_argument("--encoders", metavar="MODEL",
                        help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
                             "folder) instead of training the clip and vae stages")

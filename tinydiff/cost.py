@@ -309,7 +309,7 @@ def pipeline_cost(pipe, sampler: str | None = None, steps: int | None = None, gu
     ``seconds_per_image`` (measured by the caller) the achieved rate is added. Returns
 
         sampler, steps, guidance_scale, denoiser_calls, rows_per_call,
-        denoiser_gflop_per_row, text_encoder_gflop, decoder_gflop,
+        denoiser_gflop_per_row, text_encoder_gflop, decoder_gflop (0 in pixel space),
         gflop_per_image  (= calls · rows · per_row + text encoder · prompts + decoder)
         [seconds_per_image, gflop_per_s]
     """
@@ -328,7 +328,9 @@ def pipeline_cost(pipe, sampler: str | None = None, steps: int | None = None, gu
     # one image per thread, so the U-Net runs their shared start once (UNet._guidance_halves)
     threads, pipe.threads = pipe.threads, 1
     try:
-        with count_flops(pipe.text_encoder, network, pipe.vae, names=("text_encoder", "denoiser", "vae")) as count:
+        models = {"text_encoder": pipe.text_encoder, "denoiser": network, "vae": pipe.vae}  # no vae in pixel space
+        models = {name: m for name, m in models.items() if m is not None}
+        with count_flops(*models.values(), names=models) as count:
             pipe(_a_prompt(pipe), num_images=1, steps=1, sampler="lcm" if lcm else "euler",
                  guidance_scale=guidance_scale, seed=0)
     finally:

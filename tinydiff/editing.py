@@ -214,6 +214,9 @@ def encode(pipe, images: np.ndarray):
     μ is the VAE posterior's mean (a sample μ + σ_post·ε would add noise the seed does not fix).
     The inverse of ``pipe.decode`` (the pipeline's steps 4–5) up to the VAE's reconstruction error.
     """
+    if pipe.vae is None:
+        raise EditInputError("this pipeline draws pixels, not latents (PipelineConfig.space='pixel'); the editors "
+                             "work on latent pipelines of 28×28 digits such as mnist-captions")
     return pipe.vae.encode_for_diffusion(to_model_range(images))
 
 

@@ -121,6 +121,7 @@ PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit", "mnist-scenes", "mn
 OPTIONAL_FILES = {"image_encoder": "image_encoder.npz", "lcm_unet": "lcm_unet.npz"}  # saved when the pipeline has one
 LCM_SIGMA_SCHEDULE = "trailing"  # the σ grid of sampler="lcm" unless one is asked for (module docstring)
 IMAGE_SIZES = (IMAGE_SIZE, CANVAS)  # PipelineConfig.image_size: 28, the digits' crop, or 32, the whole canvas
+SPACES = ("latent", "pixel")  # PipelineConfig.space: the denoiser draws VAE latents, or the pixels themselves
 CONDITIONINGS = ("tokens", "pooled")  # PipelineConfig.conditioning (module docstring)
 
 
@@ -137,6 +138,12 @@ def pretrained_path(name: str = "mnist-captions") -> Path:
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"no shipped model named {name!r}; shipped: {', '.join(PRETRAINED_MODELS)}")
     return Path(str(resources.files("tinydiff") / "pretrained" / name))
+
+
+def component_files(space: str) -> dict[str, str]:
+    """The files every pipeline folder of ``space`` has besides its denoiser's: ``COMPONENT_FILES``,
+    less vae.npz in pixel space (no autoencoder)."""
+    return {n: f for n, f in COMPONENT_FILES.items() if not (space == "pixel" and n == "vae")}
 
 
 def denoiser_type(net: Module) -> str:
@@ -172,11 +179,14 @@ class PipelineConfig(ConfigMixin):
 
     image_size: int = IMAGE_SIZE  # side of the returned pictures: 28 crops the decoded 32×32 (digits), 32 keeps it
     conditioning: str = "tokens"  # "tokens": the denoiser reads every token state; "pooled": <eos>'s alone
+    space: str = "latent"  # "latent": the denoiser draws VAE latents (vae.npz decodes them); "pixel": the image itself
 
     def __post_init__(self):
         if self.image_size not in IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {', '.join(map(str, IMAGE_SIZES))}, got {self.image_size!r}")
         check_conditioning(self.conditioning)
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
 
 
 def check_conditioning(conditioning: str) -> str:
@@ -227,7 +237,7 @@ class TextToImagePipeline:
     read it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet | DiT, vae: AutoencoderKL,
+    def __init__(self, tokenizer: Tokenizer, text_encoder: TextEncoder, unet: UNet | DiT, vae: AutoencoderKL | None,
                  diffusion: DiffusionConfig, defaults: SamplingDefaults | None = None,
                  image_encoder: ImageEncoder | None = None, lcm_unet: UNet | None = None,
                  config: PipelineConfig | None = None):
@@ -241,6 +251,9 @@ class TextToImagePipeline:
         self.diffusion = diffusion.sampling_config()
         self.defaults = defaults or SamplingDefaults()
         self.config = config or PipelineConfig()
+        if (vae is None) != (self.config.space == "pixel"):
+            raise ValueError("a pixel-space pipeline (PipelineConfig.space='pixel') has no VAE, a latent one needs one: "
+                             f"got space={self.config.space!r} and vae={type(vae).__name__}")
         self.schedule = diffusion.make_schedule()
         for module in self._modules():
             module.eval()
@@ -326,7 +339,8 @@ class TextToImagePipeline:
         return get_sigmas(self.schedule, options.steps, options.sigma_schedule, sigma_max=options.sigma_max)
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
-        """(B, 4, 8, 8): the shape of the denoiser's latents (its in_channels and sample_size)."""
+        """(B, 4, 8, 8): the shape of the denoiser's latents (its in_channels and sample_size);
+        (B, 1, 32, 32), the image itself, in pixel space."""
         c = self.denoiser_net.config
         return (batch, c.in_channels, c.sample_size, c.sample_size)
 
@@ -374,10 +388,14 @@ class TextToImagePipeline:
 
     def decode(self, z0) -> np.ndarray:
         """Steps 4–5: clean latents (B, 4, 8, 8) → uint8 pictures (B, S, S), S = ``image_size``:
-        28, the digits' central crop, or 32, the whole canvas (scenes)."""
-        with no_grad():
-            # 4. latents → pixels
-            x = map_rows(self.vae.decode_from_diffusion, z0, threads=self.threads)  # (B, 1, 32, 32) in [−1, 1]
+        28, the digits' central crop, or 32, the whole canvas (scenes). In pixel space the
+        "latents" are the pictures already (B, 1, 32, 32): step 4 is skipped."""
+        if self.vae is None:
+            x = z0  # pixel space: (B, 1, 32, 32) in [−1, 1] (clipped by the conversion)
+        else:
+            with no_grad():
+                # 4. latents → pixels
+                x = map_rows(self.vae.decode_from_diffusion, z0, threads=self.threads)  # (B, 1, 32, 32) in [−1, 1]
         # 5. pixels → uint8, cropped to the digits' 28×28 or the whole 32×32
         return from_model_range(x, crop=self.image_size == IMAGE_SIZE)  # (B, S, S) uint8
 
@@ -464,7 +482,7 @@ class TextToImagePipeline:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        files = {**COMPONENT_FILES, self.denoiser_type: DENOISER_FILES[self.denoiser_type]}
+        files = {**component_files(self.config.space), self.denoiser_type: DENOISER_FILES[self.denoiser_type]}
         for name, file in OPTIONAL_FILES.items():
             if getattr(self, name) is not None:
                 files[name] = file
@@ -528,7 +546,7 @@ class TextToImagePipeline:
         text_encoder = load("text_encoder", lambda c: TextEncoder(TextEncoderConfig.from_dict(c)))
         net_class, net_config = DENOISERS[denoiser]
         denoiser_net = load(denoiser, lambda c: net_class(net_config.from_dict(c)))
-        vae = load("vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c)))
+        vae = load("vae", lambda c: AutoencoderKL(AutoencoderConfig.from_dict(c))) if "vae" in files else None
         image_encoder = lcm_unet = None
         if "image_encoder" in files:
             image_encoder = load("image_encoder", lambda c: ImageEncoder(ImageEncoderConfig.from_dict(c)))
@@ -603,7 +621,7 @@ def read_manifest(folder: Path) -> tuple[DiffusionConfig, SamplingDefaults, dict
     listed = manifest["files"]
     if not isinstance(listed, dict):
         raise _damaged(folder, '"files" in model_index.json is not a JSON object')
-    required = {**COMPONENT_FILES, denoiser: DENOISER_FILES[denoiser]}
+    required = {**component_files(config.space), denoiser: DENOISER_FILES[denoiser]}
     known = {**required, **OPTIONAL_FILES}
     unknown = sorted(set(listed) - set(known))
     missing = sorted(set(required) - set(listed))

@@ -60,6 +60,13 @@ InfoNCE a loss on the token states, each digit token predicting the slot its dig
 training makes every token's state describe its role. Only the text encoder's training changes;
 the VAE and U-Net stages are the default recipe's.
 
+**Pixel space** (``RecipeConfig.space = "pixel"``, ``tinydiff train mnist-scenes --space pixel``,
+``pixel_recipe()``): the ablation of the autoencoder. There is no vae stage: the U-Net
+(``latent_unet.pixel_unet_config``, as many weights as the latent one) denoises the 1×32×32
+pictures themselves, and the pipeline is saved without a VAE (``PipelineConfig.space``). It asks
+whether the latent compression is what loses small digits and numbers, at the price latent
+diffusion was invented to avoid: 4.7 times the arithmetic per image and step.
+
 Folder layout::
 
     OUT/clip/state.npz   OUT/vae/state.npz   OUT/unet/state.npz    training state (resumable)
@@ -102,7 +109,7 @@ from .autoencoder import load_autoencoder, train_autoencoder
 from .clip import TEXT_OBJECTIVES, CaptionedDigits, load_captioned_mnist, load_clip, train_clip
 from .clip import default_loop as clip_default_loop
 from .diffusion import DiffusionTrainingConfig
-from .latent_unet import latent_dit_config, latent_unet_config, train_latent_unet
+from .latent_unet import latent_dit_config, latent_unet_config, pixel_unet_config, train_latent_unet
 from .lcm import LCMConfig, make_student, train_lcm
 from .loop import LoopConfig, checkpoint_weights
 
@@ -110,6 +117,8 @@ BASE_STAGES = ("clip", "vae", "unet")  # what a pipeline needs; the default
 STAGES = BASE_STAGES + ("lcm",)  # lcm: the optional consistency-distilled student
 DENOISERS = ("unet", "dit")  # RecipeConfig.denoiser; the denoiser stage is named after it
 DATASETS = ("digits", "scenes")  # RecipeConfig.data: mnist-captions trains on digits, mnist-scenes on scenes
+SPACES = ("latent", "pixel")  # RecipeConfig.space: the denoiser works on VAE latents or on the pictures
+PIXEL_STEPS = 1000  # pixel_recipe's U-Net steps: about the latent U-Net's 6,000 steps' time (a step costs 5–6 times as much)
 
 
 @dataclass
@@ -136,6 +145,7 @@ class RecipeConfig(ConfigMixin):
     scene_count: int = 30000  # data="scenes": training scenes drawn (train_subset, if set, instead)
     conditioning: str = "tokens"  # the denoiser's text input: every token state, or "pooled" (<eos>'s alone)
     text_objective: str = "contrastive"  # the clip stage's loss: InfoNCE, or "slots": InfoNCE + each digit token's slot
+    space: str = "latent"  # SPACES: the U-Net denoises VAE latents, or ("pixel") the pictures, with no vae stage
 
 
 def quick_recipe() -> RecipeConfig:
@@ -157,18 +167,28 @@ def dit_recipe() -> RecipeConfig:
     return RecipeConfig(denoiser="dit", unet_steps=6000, unet_lr=2e-3, loss_weighting="min_snr")
 
 
+def pixel_recipe() -> RecipeConfig:
+    """The pixel-space ablation's settings (``space="pixel"``, ``tinydiff train mnist-scenes --space
+    pixel``): the U-Net of ``pixel_unet_config`` at the latent U-Net's training time, not its step
+    count: each step costs about 4.7 times the arithmetic, so PIXEL_STEPS steps of 64 pictures.
+    Min-SNR weighting (Hang et al. 2023), which pixel diffusion needs most in a short run
+    (``train.pixel_digits``), at peak learning rate 2·10⁻³."""
+    return RecipeConfig(space="pixel", unet_steps=PIXEL_STEPS, unet_lr=2e-3, loss_weighting="min_snr")
+
+
 def recipe_stages(config: RecipeConfig) -> tuple[str, ...]:
-    """The stages ``config`` can run, in order: clip and vae (unless ``encoders`` replaces them),
-    the denoiser stage (``unet`` or ``dit``), and lcm for a U-Net with token conditioning."""
-    first = () if config.encoders else ("clip", "vae")
-    lcm = config.denoiser == "unet" and config.conditioning == "tokens"
+    """The stages ``config`` can run, in order: clip and vae (unless ``encoders`` replaces them;
+    no vae in pixel space), the denoiser stage (``unet`` or ``dit``), and lcm for a latent U-Net
+    with token conditioning."""
+    first = () if config.encoders else ("clip", "vae") if config.space == "latent" else ("clip",)
+    lcm = config.denoiser == "unet" and config.conditioning == "tokens" and config.space == "latent"
     return first + (config.denoiser,) + (("lcm",) if lcm else ())
 
 
 def pipeline_config(config: RecipeConfig) -> PipelineConfig:
     """The pipeline settings a run saves: scenes return the whole 32×32 canvas, digits their
     28×28 crop; the denoiser reads prompts as it was trained to (``conditioning``)."""
-    return PipelineConfig(image_size=CANVAS if config.data == "scenes" else IMAGE_SIZE,
+    return PipelineConfig(image_size=CANVAS if config.data == "scenes" else IMAGE_SIZE, space=config.space,
                           conditioning=config.conditioning)
 
 
@@ -215,6 +235,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         check_conditioning(config.conditioning)
     except ValueError as err:
         raise RecipeError(str(err)) from None
+    if config.space not in SPACES:
+        raise RecipeError(f"unknown space {config.space!r}; valid: {', '.join(SPACES)}")
+    if config.space == "pixel" and config.denoiser != "unet":
+        raise RecipeError("pixel space is built for the U-Net (latent_unet.pixel_unet_config); drop --denoiser dit "
+                          "or --space pixel")
     if config.text_objective not in TEXT_OBJECTIVES:
         raise RecipeError(f"unknown text objective {config.text_objective!r}; valid: {', '.join(TEXT_OBJECTIVES)}")
     if config.text_objective == "slots" and config.data != "scenes":
@@ -310,6 +335,11 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         source = TextToImagePipeline.from_pretrained(config.encoders)
         tokenizer, text_encoder, vae, image_encoder = source.tokenizer, source.text_encoder, source.vae, \
             source.image_encoder
+        if config.space == "pixel":
+            vae = None  # its text encoder only
+        elif vae is None:
+            raise RecipeError(f"--encoders {config.encoders} is a pixel-space pipeline: it has no VAE for a latent "
+                              "run; give a latent pipeline (e.g. mnist-scenes), or add --space pixel")
         unknown = sorted(set(clip_tokenizer.words) - set(tokenizer.words))
         if unknown:
             raise RecipeError(f"--encoders {config.encoders}: its tokenizer lacks words of the {config.data} captions "
@@ -318,7 +348,7 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
     else:
         clip, tokenizer = _require(load_clip, paths["clip"], "clip")
         text_encoder, image_encoder = clip.text, clip.image
-        vae = _require(load_autoencoder, paths["vae"], "vae")
+        vae = _require(load_autoencoder, paths["vae"], "vae") if config.space == "latent" else None
     diffusion = DiffusionTrainingConfig(schedule=config.schedule, batch_size=config.unet_batch_size,
                                         loss_weighting=config.loss_weighting)
     if paths[den].exists():  # resumed or reused: it must have been trained with this run's conditioning
@@ -326,7 +356,8 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         if trained != config.conditioning:
             raise RecipeError(f"{paths[den]} was trained with {trained} conditioning, this run asks for "
                               f"{config.conditioning}; pass --conditioning {trained}, or choose another --out")
-    make_config = latent_unet_config if den == "unet" else latent_dit_config
+    make_config = latent_dit_config if den == "dit" else pixel_unet_config if config.space == "pixel" \
+        else latent_unet_config
     unet = (UNet if den == "unet" else DiT)(make_config(text_encoder.config.width, tokenizer.max_length),
                                             seed=config.seed)  # a U-Net or a DiT: the same interface
     if den in stages:
