@@ -474,3 +474,21 @@ def test_input_dtype_check_follows_astype(make, shape):
     assert layer(np.zeros(shape)).dtype == np.float64
     layer.float()
     assert layer(np.zeros(shape, np.float32)).dtype == np.float32
+
+
+def test_named_modules_names_every_module_by_the_path_its_parameters_have():
+    """Module.named_modules: "" for the root, dotted names below it, each module once; every
+    parameter's name is the name of the module that holds it plus the parameter's own name."""
+    from tinydiff.models.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(in_channels=1, out_channels=1, sample_size=8, block_channels=(8, 16),
+                           attention_levels=(False, True), context_dim=8, context_length=3, heads=2, dim_head=4,
+                           groups=4, time_embed_dim=16))
+    named = list(unet.named_modules())
+    assert named[0] == ("", unet)
+    assert [m for _, m in named] == list(unet.modules())
+    names = dict(named)
+    for name, param in unet.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        assert getattr(names[owner], attr) is param
+    assert [n for n, _ in unet.named_modules("unet")][:2] == ["unet", f"unet.{next(iter(unet.named_children()))[0]}"]

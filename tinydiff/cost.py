@@ -53,7 +53,6 @@ from typing import NamedTuple
 
 from .nn import Attention, Conv2d, Linear, Module, no_grad
 from .nn import functional as F
-from .models.unet import _named_modules
 
 # --------------------------------------------------------------------------- the formulas
 
@@ -194,7 +193,7 @@ def count_flops(*models: Module, names: Iterable[str] | None = None):
     count, tally = FlopCount(), _AttentionTally()
     wrapped, seen = [], set()
     for model, prefix in zip(models, prefixes):
-        for name, module in _named_modules(model):
+        for name, module in model.named_modules():
             full_name = ".".join(p for p in (prefix, name) if p)
             rule = _rule_for(module)
             if id(module) in seen or (rule is None and not isinstance(module, Attention)):

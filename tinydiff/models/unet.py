@@ -215,13 +215,6 @@ def _twice(a):
     return get_xp(a).concatenate([a, a])
 
 
-def _named_modules(module: Module, prefix: str = ""):
-    """(dotted name, module) for ``module`` and all its descendants."""
-    yield prefix.rstrip("."), module
-    for name, child in module.named_children():
-        yield from _named_modules(child, f"{prefix}{name}.")
-
-
 
 def check_context(model: str, context_dim: int | None, batch: int, context, context_mask) -> None:
     """The checks every denoiser makes of its prompt input (``model`` names it in the messages):
@@ -398,7 +391,7 @@ class UNet(Module):
         if kind not in ("cross", "self"):
             raise ValueError(f"kind must be 'cross' or 'self', got {kind!r}")
         attr = "attn2" if kind == "cross" else "attn1"
-        layers = [(f"{name}.{attr}", getattr(m, attr)) for name, m in _named_modules(self)
+        layers = [(f"{name}.{attr}", getattr(m, attr)) for name, m in self.named_modules()
                   if isinstance(m, TransformerBlock) and getattr(m, attr) is not None]
         if not layers:
             raise ValueError("this UNet has no cross-attention layers (it was built with context_dim=None)")

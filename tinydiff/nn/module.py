@@ -142,6 +142,12 @@ class Module:
         for _, child in self.named_children():
             yield from child.modules()
 
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """``(dotted_name, module)`` for this module ("" or ``prefix``) and all its descendants."""
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
     def num_parameters(self) -> int:
         return sum(int(p.data.size) for p in self.parameters())
 
