@@ -445,3 +445,9 @@ def test_both_denoisers_check_their_prompt_input_alike(model):
         net(x, t, np.zeros((2, 3, 8)), np.ones((2, 4), bool))
     with pytest.raises(ValueError, match=r"context_mask must be a bool array of shape \(2, 3\), got float64"):
         net(x, t, np.zeros((2, 3, 8)), np.ones((2, 3)))
+
+
+def test_a_dit_without_a_null_context_says_so_in_its_own_name():
+    """The null-context methods are the U-Net's; their error names the class that was built."""
+    with pytest.raises(ValueError, match="this DiT has no learned null context"):
+        DiT(tiny_config(learned_null_context=False)).null_context(2)

@@ -355,7 +355,7 @@ class UNet(Module):
     def null_context(self, batch: int):
         """The learned null context repeated over the batch: (batch, context_length, context_dim)."""
         if self.null_embedding is None:
-            raise ValueError("this UNet has no learned null context; build it with learned_null_context=True")
+            raise ValueError(f"this {type(self).__name__} has no learned null context; build it with learned_null_context=True")
         xp = get_xp(self.null_embedding.data)
         return xp.broadcast_to(self.null_embedding.data, (batch,) + self.null_embedding.shape).copy()
 
