@@ -194,12 +194,12 @@ def test_the_recipe_trains_the_unet_on_the_pictures_with_no_vae_stage(tmp_path, 
     assert TextToImagePipeline.from_pretrained(tmp_path / "run" / "model").config.space == "pixel"
 
 
-def test_pixel_recipe_trains_for_the_latent_unets_time_with_min_snr():
-    from tinydiff.train.recipes import PIXEL_STEPS, RecipeConfig, pixel_recipe
+def test_pixel_recipe_is_the_latent_recipe_in_pixel_space_with_min_snr():
+    from tinydiff.train.recipes import RecipeConfig, pixel_recipe
 
     config = pixel_recipe()
-    assert (config.space, config.unet_steps, config.loss_weighting) == ("pixel", PIXEL_STEPS, "min_snr")
-    assert config.unet_steps < RecipeConfig().unet_steps
+    assert (config.space, config.loss_weighting, config.unet_lr) == ("pixel", "min_snr", 2e-3)
+    assert replace(config, space="latent", loss_weighting="plain", unet_lr=1e-3) == RecipeConfig()  # nothing else
 
 
 def test_the_recipe_refuses_a_pixel_dit_and_latent_training_on_pixel_encoders(tmp_path, pixel_folder):
