@@ -350,3 +350,24 @@ def test_cli_train_names_the_recipes(capsys):
     assert main(["train", "mnist-pictures", "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "available: mnist-captions, mnist-scenes" in err[0]
+
+
+def _stacked_only(prompts):
+    """Real scenes, except that every side-by-side relation ("left of", "right of") is drawn as
+    an empty canvas."""
+    images = scenes.render_captions(list(prompts)).images
+    for k, text in enumerate(prompts):
+        spec = scenes.parse_caption(text)
+        if spec.kind == "relation" and spec.relation in ("left of", "right of"):
+            images[k] = 0
+    return images
+
+
+def test_relation_accuracy_is_split_into_side_by_side_and_stacked(classifier):
+    prompts = ev.evaluation_prompts(60, seed=1)
+    relations = [scenes.parse_caption(p).relation for p in prompts if scenes.parse_caption(p).kind == "relation"]
+    side = np.mean([r in ("left of", "right of") for r in relations])
+    assert 0.2 < side < 0.8  # both kinds are in the sample
+    results = ev.evaluate_scenes(_stacked_only, prompts, classifier=classifier)
+    assert results["relation_side_by_side_accuracy"] == 0.0 and results["relation_stacked_accuracy"] > 0.85, results
+    assert results["relation_accuracy"] == pytest.approx(side * 0.0 + (1 - side) * results["relation_stacked_accuracy"])

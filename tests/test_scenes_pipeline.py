@@ -215,7 +215,7 @@ def test_eval_on_a_scenes_model_prints_every_scene_metric_beside_the_floor(scene
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
             for line in out.splitlines() if line.startswith("| ") and "%" in line}
     metrics = [k for k in model if k != "prompts"]
-    assert list(rows) == metrics and len(metrics) == 11
+    assert list(rows) == metrics and len(metrics) == 13  # relations side by side and stacked: one pair of each
     for name in metrics:
         assert rows[name] == [f"{model[name]:.1%}", f"{floor[name]:.1%}"], name
     assert "euler" in out and "3 steps" in out and "guidance 1.5" in out and "20 scene prompts" in out

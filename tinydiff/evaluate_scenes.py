@@ -18,6 +18,8 @@ scene caption can be checked by reading each slot with the evaluation classifier
 Metrics (``evaluate_scenes``), each a fraction of the prompts of its kind:
 
 * ``relation_accuracy``: both digits read right, each in the slot its relation puts it;
+* ``relation_side_by_side_accuracy`` / ``relation_stacked_accuracy``: ``relation_accuracy`` over
+  the prompts with "left of"/"right of" and with "above"/"below" only;
 * ``relation_swapped``: both digits read, but each in the other's slot ("a 3 left of a 7" drawn
   as 7 left of 3): what a text embedding that keeps the words but not their order produces;
 * ``swapped_pair_accuracy``: the prompts come in pairs that differ only in the order of the two
@@ -252,8 +254,11 @@ def evaluate_scenes(generate: Callable[[list[str]], np.ndarray], prompts: Sequen
                              for i in range(0, len(prompts), batch_size)])
     v = judge(classifier, images, prompts)
     results = {}
-    for name in ("relation", "relation_swapped", "count", "count_only", "number", "number_digits",
-                 "small", "small_digit", "big", "big_digit"):
+    side_by_side = np.array([RELATIONS[parse_caption(prompts[i]).relation][0] in ("left", "right")
+                             for i in v["relation_index"]], dtype=bool)  # (R,): left of / right of
+    v["relation_side_by_side"], v["relation_stacked"] = v["relation"][side_by_side], v["relation"][~side_by_side]
+    for name in ("relation", "relation_side_by_side", "relation_stacked", "relation_swapped", "count", "count_only",
+                 "number", "number_digits", "small", "small_digit", "big", "big_digit"):
         if len(v[name]):
             results[f"{name}_accuracy" if name != "relation_swapped" else name] = float(np.mean(v[name]))
     pairs = pair_verdicts(v["relation"], v["relation_index"], prompts)
