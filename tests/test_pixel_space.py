@@ -168,7 +168,7 @@ def test_pipeline_cost_counts_no_decoder_in_pixel_space(pipe):
 
 
 def test_the_recipe_trains_the_unet_on_the_pictures_with_no_vae_stage(tmp_path, monkeypatch):
-    """space="pixel": stages clip and unet; the U-Net of pixel_unet_config is trained on the
+    """space="pixel": stages clip and unet; the U-Net of pixel_space_unet_config is trained on the
     training images themselves (a spy on diffusion_grads), and the pipeline saved has no VAE."""
     from tinydiff.train import latent_unet
     from tinydiff.train.recipes import quick_recipe, recipe_stages, train_mnist_captions
@@ -186,7 +186,7 @@ def test_the_recipe_trains_the_unet_on_the_pictures_with_no_vae_stage(tmp_path, 
     monkeypatch.setattr(latent_unet, "diffusion_grads", spy)
     pipe = train_mnist_captions(tmp_path / "run", config=config)
     (unet_config, latents), = seen
-    assert unet_config == latent_unet.pixel_unet_config(unet_config.context_dim, unet_config.context_length)
+    assert unet_config == latent_unet.pixel_space_unet_config(unet_config.context_dim, unet_config.context_length)
     from tinydiff.train.recipes import _training_data
     np.testing.assert_array_equal(latents, _training_data(config)[0].images)  # (N, 1, 32, 32) in [−1, 1]
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["clip", "model", "unet"]

@@ -489,3 +489,32 @@ def test_cli_text_objective_reaches_the_recipe_and_bad_values_are_one_line(tmp_p
     status, _, err = run(capsys, "train", "mnist-scenes", "--quick", "--text-objective", "tokens", "--out",
                          tmp_path / "c")
     assert status == 2 and "unknown text objective 'tokens'; valid: contrastive, slots" in err
+
+
+def test_unet_attention_8x8_puts_cross_attention_at_both_levels(tmp_path, capsys):
+    """--unet-attention 8x8 (RecipeConfig.unet_attention): the latent U-Net trained and saved has
+    a transformer at its 8×8 level as well; the default has it at 4×4 only; wrong uses are one line."""
+    encoders = tmp_path / "encoders"
+    tiny_pipeline().save_pretrained(encoders)
+    for option, levels in (("8x8", [True, True]), ("4x4", [False, True])):
+        out = tmp_path / option
+        status, _, err = run(capsys, "train", "mnist-scenes", "--quick", "--unet-attention", option, "--encoders",
+                             encoders, "--threads", 1, "--out", out, "--stages", "unet")
+        assert status == 0, err
+        assert load_checkpoint(out / "model" / "unet.npz")[1]["config"]["attention_levels"] == levels
+        assert json.loads((out / "recipe.json").read_text())["config"]["unet_attention"] == option
+        assert TextToImagePipeline.from_pretrained(out / "model").unet.config.attention_levels == tuple(levels)
+    for args, phrase in ((["--unet-attention", "16x16"], "--unet-attention must be 4x4 or 8x8"),
+                         (["--unet-attention", "8x8", "--denoiser", "dit"], "is for the latent U-Net"),
+                         (["--unet-attention", "8x8", "--space", "pixel"], "is for the latent U-Net")):
+        status, _, err = run(capsys, "train", "mnist-scenes", "--quick", *args, "--out", tmp_path / "bad")
+        assert_one_line_error(status, err, phrase)
+
+
+def test_the_recipe_refuses_8x8_attention_for_a_dit_or_pixel_space(tmp_path):
+    from tinydiff.train.recipes import RecipeError, quick_recipe, train_mnist_captions
+
+    config = replace(quick_recipe(), data="scenes", threads=1, unet_attention="8x8")
+    for bad in (dict(denoiser="dit"), dict(space="pixel"), dict(unet_attention="2x2")):
+        with pytest.raises(RecipeError, match="unet_attention|latent U-Net"):
+            train_mnist_captions(tmp_path / "run", config=replace(config, **bad))

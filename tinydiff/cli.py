@@ -64,8 +64,8 @@ def _use_backend(name: str | None) -> None:
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
-    from .train.recipes import (DENOISERS, SPACES, RecipeConfig, dit_recipe, model_folder_name, pixel_recipe,
-                                quick_recipe, recipe_stages, train_mnist_captions)
+    from .train.recipes import (DENOISERS, SPACES, UNET_ATTENTIONS, RecipeConfig, dit_recipe, model_folder_name,
+                                pixel_recipe, quick_recipe, recipe_stages, train_mnist_captions)
 
     if args.recipe not in RECIPES:
         raise CLIError(f"unknown recipe {args.recipe!r}; available: {', '.join(RECIPES)}")
@@ -77,6 +77,10 @@ def cmd_train(args) -> int:
         raise CLIError(f"--space must be {' or '.join(SPACES)}, got {args.space!r}")
     if args.space == "pixel" and args.denoiser != "unet":
         raise CLIError("--space pixel trains a U-Net; drop --denoiser dit")
+    if args.unet_attention not in UNET_ATTENTIONS:
+        raise CLIError(f"--unet-attention must be {' or '.join(UNET_ATTENTIONS)}, got {args.unet_attention!r}")
+    if args.unet_attention != "4x4" and (args.denoiser != "unet" or args.space != "latent"):
+        raise CLIError("--unet-attention 8x8 is for the latent U-Net; drop --denoiser dit and --space pixel")
     if args.quick:
         config = quick_recipe()
         config.denoiser, config.space = args.denoiser, args.space
@@ -85,6 +89,7 @@ def cmd_train(args) -> int:
     config.data = RECIPES[args.recipe]
     config.conditioning = args.conditioning
     config.text_objective = args.text_objective
+    config.unet_attention = args.unet_attention
     args.out = args.out or f"runs/{args.recipe}"
     if args.encoders is not None:
         config.encoders = str(_model_path(args.encoders))
@@ -593,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the U-Net denoises: latent (default; VAE latents, as Stable Diffusion) or pixel (the "
                             "32×32 pictures themselves, no vae stage; the ablation of the autoencoder, at the latent "
                             "U-Net's training time)")
+    train.add_argument("--unet-attention", default="4x4",
+                       help="the finest latent U-Net level that cross-attends to the prompt: 4x4 (default; and the mid "
+                            "block) or 8x8 (both levels: places scene digits by their roles better, about 1.6× the "
+                            "training time)")
     train.add_argument("--encoders", metavar="MODEL",
                        help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
                             "folder) instead of training the clip and vae stages")
