@@ -596,8 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "digit goes; the ablation of a richer text encoder)")
     train.add_argument("--space", default="latent",
                        help="what the U-Net denoises: latent (default; VAE latents, as Stable Diffusion) or pixel (the "
-                            "32×32 pictures themselves, no vae stage; the ablation of the autoencoder, at the latent "
-                            "U-Net's training time)")
+                            "32×32 pictures themselves, no vae stage; the ablation of the autoencoder: the same steps "
+                            "take about 4× as long)")
     train.add_argument("--unet-attention", default="4x4",
                        help="the finest latent U-Net level that cross-attends to the prompt: 4x4 (default; and the mid "
                             "block) or 8x8 (both levels: places scene digits by their roles better, about 1.6× the "
