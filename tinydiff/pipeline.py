@@ -64,6 +64,10 @@ before the section existed):
   at position 0 of an otherwise zero context (``pooled_context``) — the ablation that asks
   whether one pooled vector holds "a 3 left of a 7" and "a 7 left of a 3" apart. Training wrote
   it (``RecipeConfig.conditioning``) so that sampling reads the prompt as training did.
+* ``space``: "latent" (Stable Diffusion's way): the denoiser draws VAE latents, which step 4
+  decodes. "pixel": it draws the 1×32×32 picture itself; the pipeline has no VAE (``vae`` is
+  None, the folder has no vae.npz) and step 4 is skipped — the ablation of the autoencoder
+  (``tinydiff train mnist-scenes --space pixel``). The editors work on latent pipelines only.
 
 A scenes folder saved before ``image_size`` existed returns 28×28 crops; upgrading it rewrites
 only its manifest (the weights stay byte for byte)::
