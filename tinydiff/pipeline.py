@@ -121,7 +121,7 @@ COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.
 DENOISER_FILES = {"unet": "unet.npz", "dit": "dit.npz"}
 DENOISERS = {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
 PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit", "mnist-scenes", "mnist-scenes-slots",
-                     "mnist-scenes-pooled")  # shipped in tinydiff/pretrained/
+                     "mnist-scenes-pooled", "mnist-scenes-pixel")  # shipped in tinydiff/pretrained/
 OPTIONAL_FILES = {"image_encoder": "image_encoder.npz", "lcm_unet": "lcm_unet.npz"}  # saved when the pipeline has one
 LCM_SIGMA_SCHEDULE = "trailing"  # the σ grid of sampler="lcm" unless one is asked for (module docstring)
 IMAGE_SIZES = (IMAGE_SIZE, CANVAS)  # PipelineConfig.image_size: 28, the digits' crop, or 32, the whole canvas
@@ -138,7 +138,8 @@ def pretrained_path(name: str = "mnist-captions") -> Path:
     by the default recipe), ``mnist-captions-dit`` (the DiT, ``--denoiser dit``), ``mnist-scenes``
     (the U-Net of ``tinydiff train mnist-scenes``) or its ablations ``mnist-scenes-slots`` (the text
     encoder trained with ``--text-objective slots``) and ``mnist-scenes-pooled`` (the U-Net reads
-    the pooled prompt only, ``--conditioning pooled``)."""
+    the pooled prompt only, ``--conditioning pooled``) and ``mnist-scenes-pixel`` (no VAE: the U-Net
+    draws the pictures themselves, ``--space pixel``)."""
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"no shipped model named {name!r}; shipped: {', '.join(PRETRAINED_MODELS)}")
     return Path(str(resources.files("tinydiff") / "pretrained" / name))
