@@ -518,3 +518,20 @@ def test_the_recipe_refuses_8x8_attention_for_a_dit_or_pixel_space(tmp_path):
     for bad in (dict(denoiser="dit"), dict(space="pixel"), dict(unet_attention="2x2")):
         with pytest.raises(RecipeError, match="unet_attention|latent U-Net"):
             train_mnist_captions(tmp_path / "run", config=replace(config, **bad))
+
+
+def test_cli_loss_weighting_and_lr_reach_the_recipe_and_bad_values_are_one_line(tmp_path, capsys):
+    encoders = tmp_path / "encoders"
+    tiny_pipeline().save_pretrained(encoders)
+    out = tmp_path / "run"
+    status, _, err = run(capsys, "train", "mnist-scenes", "--quick", "--loss-weighting", "min_snr", "--lr", "2e-3",
+                         "--encoders", encoders, "--threads", 1, "--out", out, "--stages", "unet")
+    assert status == 0, err
+    recorded = json.loads((out / "recipe.json").read_text())["config"]
+    assert (recorded["loss_weighting"], recorded["unet_lr"]) == ("min_snr", 2e-3)
+    assert load_checkpoint(out / "unet" / "state.npz")[1]["config"]["diffusion"]["loss_weighting"] == "min_snr"
+    for args, phrase in ((["--loss-weighting", "snr"], "--loss-weighting must be plain or min_snr"),
+                         (["--lr", "0"], "--lr must be a learning rate in (0, 1]"),
+                         (["--lr", "nan"], "--lr must be a learning rate in (0, 1]")):
+        status, _, err = run(capsys, "train", "mnist-scenes", "--quick", *args, "--out", tmp_path / "bad")
+        assert_one_line_error(status, err, phrase)

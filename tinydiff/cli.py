@@ -9,6 +9,7 @@ is printed as one line ``tinydiff: error: …`` naming the problem and the fix, 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -65,6 +66,7 @@ def _use_backend(name: str | None) -> None:
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
+    from .diffusion.noise import LOSS_WEIGHTINGS
     from .train.recipes import (DENOISERS, SPACES, UNET_ATTENTIONS, RecipeConfig, dit_recipe, model_folder_name,
                                 pixel_recipe, quick_recipe, recipe_stages, train_mnist_captions)
 
@@ -112,6 +114,14 @@ def cmd_train(args) -> int:
         if args.steps < 1:
             raise CLIError(f"--steps must be at least 1, got {args.steps}")
         config.unet_steps = args.steps
+    if args.loss_weighting is not None:
+        if args.loss_weighting not in LOSS_WEIGHTINGS:
+            raise CLIError(f"--loss-weighting must be {' or '.join(LOSS_WEIGHTINGS)}, got {args.loss_weighting!r}")
+        config.loss_weighting = args.loss_weighting
+    if args.lr is not None:
+        if not (math.isfinite(args.lr) and 0 < args.lr <= 1):
+            raise CLIError(f"--lr must be a learning rate in (0, 1], e.g. 2e-3, got {args.lr}")
+        config.unet_lr = args.lr
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
@@ -587,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="steps of the denoiser stage (default: the recipe's, 6000); "
                             "with --resume a finished stage continues to this many, on the learning-rate schedule of "
                             "the new total")
+    train.add_argument("--loss-weighting", metavar="W",
+                       help="the denoiser's loss: plain (DDPM eq. 14; the U-Net recipe's default) or min_snr (Hang et "
+                            "al. 2023; the DiT's and pixel space's default)")
+    train.add_argument("--lr", type=float,
+                       help="the denoiser's peak learning rate (default: the recipe's, 1e-3; 2e-3 for the DiT and "
+                            "pixel space)")
     train.add_argument("--conditioning", default="tokens",
                        help="what the denoiser reads of the prompt: tokens (default; every token state) or pooled "
                             "(the text encoder's <eos> state alone: the ablation of one pooled text vector; with "
