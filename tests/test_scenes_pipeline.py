@@ -535,3 +535,53 @@ def test_cli_loss_weighting_and_lr_reach_the_recipe_and_bad_values_are_one_line(
                          (["--lr", "nan"], "--lr must be a learning rate in (0, 1]")):
         status, _, err = run(capsys, "train", "mnist-scenes", "--quick", *args, "--out", tmp_path / "bad")
         assert_one_line_error(status, err, phrase)
+
+
+def test_cli_mnist_scenes_defaults_are_the_scenes_recipe_and_each_can_be_ablated(tmp_path, capsys, monkeypatch):
+    """tinydiff train mnist-scenes takes scenes_recipe()'s settings (slots, 8×8 attention, min-SNR,
+    lr 2e-3, 8,000 steps, guidance 4); mnist-captions keeps its own; each scenes default is undone
+    by its flag (the ablations); a DiT or pixel space keeps the scenes text objective and 4×4."""
+    from tinydiff.train import recipes
+
+    seen = []
+    monkeypatch.setattr(recipes, "train_mnist_captions", lambda out, **kw: seen.append(kw["config"]))
+
+    def config(*args):
+        status, _, err = run(capsys, "train", *args, "--out", tmp_path / "run")
+        assert status == 0, err
+        return seen[-1]
+
+    scenes = config("mnist-scenes")
+    assert (scenes.data, scenes.text_objective, scenes.unet_attention, scenes.loss_weighting, scenes.unet_lr,
+            scenes.unet_steps, scenes.guidance_scale) == ("scenes", "slots", "8x8", "min_snr", 2e-3, 8000, 4.0)
+    assert scenes == recipes.scenes_recipe()
+    digits = config("mnist-captions")
+    assert digits == recipes.RecipeConfig()
+    assert (digits.text_objective, digits.unet_attention, digits.loss_weighting, digits.guidance_scale) == (
+        "contrastive", "4x4", "plain", 2.0)
+    ablated = config("mnist-scenes", "--text-objective", "contrastive", "--unet-attention", "4x4")
+    assert (ablated.text_objective, ablated.unet_attention) == ("contrastive", "4x4")
+    assert ablated == replace(recipes.scenes_recipe(), text_objective="contrastive", unet_attention="4x4")
+    for args, denoiser, space in ((["--denoiser", "dit"], "dit", "latent"), (["--space", "pixel"], "unet", "pixel")):
+        other = config("mnist-scenes", *args)
+        assert (other.denoiser, other.space, other.unet_attention, other.text_objective, other.guidance_scale) == (
+            denoiser, space, "4x4", "slots", 4.0)
+        assert other.unet_lr == 2e-3 and other.loss_weighting == "min_snr" and other.unet_steps == 6000
+    quick = config("mnist-scenes", "--quick")
+    assert (quick.text_objective, quick.unet_attention, quick.unet_steps) == ("slots", "8x8",
+                                                                              recipes.quick_recipe().unet_steps)
+
+
+def test_the_saved_pipeline_samples_with_the_recipes_guidance(tmp_path):
+    """RecipeConfig.guidance_scale becomes the pipeline's default w; a bad one is refused before training."""
+    from tinydiff.train.recipes import RecipeError, quick_recipe, train_mnist_captions
+
+    encoders = tmp_path / "encoders"
+    tiny_pipeline().save_pretrained(encoders)
+    config = replace(quick_recipe(), data="scenes", threads=1, encoders=str(encoders), guidance_scale=3.5)
+    pipe = train_mnist_captions(tmp_path / "run", config=config)
+    assert pipe.defaults.guidance_scale == 3.5
+    assert TextToImagePipeline.from_pretrained(tmp_path / "run" / "model").defaults.guidance_scale == 3.5
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(RecipeError, match="guidance_scale must be a finite number"):
+            train_mnist_captions(tmp_path / "bad", config=replace(config, guidance_scale=bad))

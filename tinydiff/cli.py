@@ -64,11 +64,13 @@ def _use_backend(name: str | None) -> None:
 
 
 def cmd_train(args) -> int:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     from .diffusion.noise import LOSS_WEIGHTINGS
     from .train.recipes import (DENOISERS, SPACES, UNET_ATTENTIONS, RecipeConfig, dit_recipe, model_folder_name,
-                                pixel_recipe, quick_recipe, recipe_stages, train_mnist_captions)
+                                pixel_recipe, quick_recipe, recipe_stages, scenes_recipe, train_mnist_captions)
 
     if args.recipe not in RECIPES:
         raise CLIError(f"unknown recipe {args.recipe!r}; available: {', '.join(RECIPES)}")
@@ -80,19 +82,24 @@ def cmd_train(args) -> int:
         raise CLIError(f"--space must be {' or '.join(SPACES)}, got {args.space!r}")
     if args.space == "pixel" and args.denoiser != "unet":
         raise CLIError("--space pixel trains a U-Net; drop --denoiser dit")
-    if args.unet_attention not in UNET_ATTENTIONS:
+    if args.unet_attention is not None and args.unet_attention not in UNET_ATTENTIONS:
         raise CLIError(f"--unet-attention must be {' or '.join(UNET_ATTENTIONS)}, got {args.unet_attention!r}")
-    if args.unet_attention != "4x4" and (args.denoiser != "unet" or args.space != "latent"):
+    if args.unet_attention == "8x8" and (args.denoiser != "unet" or args.space != "latent"):
         raise CLIError("--unet-attention 8x8 is for the latent U-Net; drop --denoiser dit and --space pixel")
-    if args.quick:
-        config = quick_recipe()
-        config.denoiser, config.space = args.denoiser, args.space
+    scenes = RECIPES[args.recipe] == "scenes"
+    if scenes:
+        config = scenes_recipe(args.denoiser, args.space)
     else:
         config = dit_recipe() if args.denoiser == "dit" else pixel_recipe() if args.space == "pixel" else RecipeConfig()
+    if args.quick:  # the recipe's choices of network and text objective, at smoke-run size
+        config = replace(quick_recipe(), denoiser=config.denoiser, space=config.space, data=config.data,
+                         text_objective=config.text_objective, unet_attention=config.unet_attention)
     config.data = RECIPES[args.recipe]
     config.conditioning = args.conditioning
-    config.text_objective = args.text_objective
-    config.unet_attention = args.unet_attention
+    if args.text_objective is not None:
+        config.text_objective = args.text_objective
+    if args.unet_attention is not None:
+        config.unet_attention = args.unet_attention
     args.out = args.out or f"runs/{args.recipe}"
     if args.encoders is not None:
         config.encoders = str(_model_path(args.encoders))
@@ -594,31 +601,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unet (default; pipeline in OUT/model) or dit, the diffusion transformer (OUT/model-dit; "
                             "the shipped mnist-captions-dit's settings)")
     train.add_argument("--steps", type=int,
-                       help="steps of the denoiser stage (default: the recipe's, 6000); "
+                       help="steps of the denoiser stage (default: the recipe's, 6000; 8000 for mnist-scenes' U-Net); "
                             "with --resume a finished stage continues to this many, on the learning-rate schedule of "
                             "the new total")
     train.add_argument("--loss-weighting", metavar="W",
-                       help="the denoiser's loss: plain (DDPM eq. 14; the U-Net recipe's default) or min_snr (Hang et "
-                            "al. 2023; the DiT's and pixel space's default)")
+                       help="the denoiser's loss: plain (DDPM eq. 14; mnist-captions' U-Net's default) or min_snr (Hang "
+                            "et al. 2023; the default of mnist-scenes, the DiT and pixel space)")
     train.add_argument("--lr", type=float,
-                       help="the denoiser's peak learning rate (default: the recipe's, 1e-3; 2e-3 for the DiT and "
-                            "pixel space)")
+                       help="the denoiser's peak learning rate (default: the recipe's, 1e-3 for mnist-captions' U-Net; "
+                            "2e-3 for mnist-scenes, the DiT and pixel space)")
     train.add_argument("--conditioning", default="tokens",
                        help="what the denoiser reads of the prompt: tokens (default; every token state) or pooled "
                             "(the text encoder's <eos> state alone: the ablation of one pooled text vector; with "
                             "--encoders a finished run's MODEL trains only the denoiser)")
-    train.add_argument("--text-objective", default="contrastive",
-                       help="the clip stage's loss: contrastive (default; InfoNCE, Radford et al. 2021) or slots "
-                            "(mnist-scenes only: InfoNCE plus a token-level loss, each digit token predicts where its "
-                            "digit goes; the ablation of a richer text encoder)")
+    train.add_argument("--text-objective",
+                       help="the clip stage's loss: contrastive (InfoNCE, Radford et al. 2021; mnist-captions' "
+                            "default) or slots (mnist-scenes' default: InfoNCE plus a token-level loss, each digit "
+                            "token predicts where its digit goes; contrastive is its ablation)")
     train.add_argument("--space", default="latent",
                        help="what the U-Net denoises: latent (default; VAE latents, as Stable Diffusion) or pixel (the "
                             "32×32 pictures themselves, no vae stage; the ablation of the autoencoder: the same steps "
                             "take about 4× as long)")
-    train.add_argument("--unet-attention", default="4x4",
-                       help="the finest latent U-Net level that cross-attends to the prompt: 4x4 (default; and the mid "
-                            "block) or 8x8 (both levels: places scene digits by their roles better, about 1.6× the "
-                            "training time)")
+    train.add_argument("--unet-attention",
+                       help="the finest latent U-Net level that cross-attends to the prompt: 4x4 (and the mid block; "
+                            "mnist-captions' default) or 8x8 (both levels, mnist-scenes' default: places scene digits "
+                            "by their roles better, about 1.6× the training time of 4x4)")
     train.add_argument("--encoders", metavar="MODEL",
                        help="take the tokenizer, text encoder and VAE from this pipeline (a shipped model's name or a "
                             "folder) instead of training the clip and vae stages")
