@@ -44,7 +44,10 @@ on ``scene_count`` scenes of several training digits (``tinydiff.data.scenes``: 
 7", "two 7s", "the number 42", "a small 5"), with the scenes' tokenizer, so that the failures
 of compositional prompts can be measured (``tinydiff.evaluate_scenes``, ``tinydiff eval``).
 Scenes use the whole 32×32 canvas: their pipeline is saved with ``image_size=32``
-(``pipeline.PipelineConfig``), so it returns the canvas uncropped.
+(``pipeline.PipelineConfig``), so it returns the canvas uncropped. Their settings are
+``scenes_recipe()``'s: a token-level text objective, cross-attention at 8×8, min-SNR weighting at
+a larger learning rate, 8,000 U-Net steps and guidance 4, each of which the flags below undo, one
+at a time, for the ablations of the article's failure modes.
 
 **Pooled conditioning** (``RecipeConfig.conditioning = "pooled"``, ``tinydiff train mnist-scenes
 --conditioning pooled``): the ablation of the denoiser's text input. It reads only the text
@@ -54,16 +57,17 @@ a finished run's text encoder and VAE and trains the denoiser alone, so the two 
 the conditioning only. The lcm stage distils with token conditioning and is not offered.
 
 **A token-level text objective** (``RecipeConfig.text_objective = "slots"``, ``tinydiff train
-mnist-scenes --text-objective slots``): the ablation of the text encoder. The clip stage adds to
+mnist-scenes --text-objective slots``): a richer text encoder. The clip stage adds to
 InfoNCE a loss on the token states, each digit token predicting the slot its digit occupies
 (``train.clip``, ``data.scenes.token_slot_labels``), a miniature of a T5-style encoder whose
-training makes every token's state describe its role. Only the text encoder's training changes;
-the VAE and U-Net stages are the default recipe's.
+training makes every token's state describe its role. Only the text encoder's training changes.
+It is the scenes recipe's default; ``--text-objective contrastive`` is its ablation.
 
 **Cross-attention at 8×8 too** (``RecipeConfig.unet_attention = "8x8"``, ``--unet-attention
 8x8``): the latent U-Net reads the prompt at its 8×8 level as well as at 4×4 and in the mid
 block (``latent_unet_config(attention_at_8x8=True)``). On scenes it places two digits by their
-roles far better (README, Scenes), at about 1.6 times the training time.
+roles far better (README, Scenes), at about 1.6 times the training time; the scenes recipe's
+default, ``--unet-attention 4x4`` its ablation.
 
 **Pixel space** (``RecipeConfig.space = "pixel"``, ``tinydiff train mnist-scenes --space pixel``,
 ``pixel_recipe()``): the ablation of the autoencoder. There is no vae stage: the U-Net
