@@ -235,16 +235,14 @@ def test_cli_trains_pixel_space_on_a_finished_runs_text_encoder(tmp_path, capsys
 
 
 def test_the_shipped_pixel_model_loads_by_name_and_draws_small_digits():
-    """mnist-scenes-pixel: no VAE, mnist-scenes' text encoder byte for byte, and "a small d" drawn
-    as a digit the classifier reads (its card: 98% over 200 prompts; here 10 prompts, 8 steps)."""
+    """mnist-scenes-pixel: no VAE, the scenes' vocabulary, and "a small d" drawn as a digit the
+    classifier reads (its card: 98% over 200 prompts; here 10 prompts, 8 steps)."""
     from tinydiff.evaluate_scenes import read_slot
-    from tinydiff.pipeline import pretrained_path
     from tinydiff.train.classifier import load_classifier
 
     pipe = TextToImagePipeline.from_pretrained("mnist-scenes-pixel")
     assert pipe.vae is None and pipe.config.space == "pixel" and pipe.image_size == 32
-    assert sha256_file(pretrained_path("mnist-scenes-pixel") / "text_encoder.npz") == \
-        sha256_file(pretrained_path("mnist-scenes") / "text_encoder.npz")
+    assert pipe.tokenizer.words == TextToImagePipeline.from_pretrained("mnist-scenes").tokenizer.words
     images = pipe([f"a small {d}" for d in range(10)], seed=0, steps=8)
     reads = read_slot(load_classifier(), images, "canvas")
     assert (reads == np.arange(10)).mean() >= 0.7, reads
