@@ -153,7 +153,7 @@ def test_a_tampered_dit_file_is_refused(dit_folder):
 
 
 def test_pretrained_names():
-    assert PRETRAINED_MODELS == ("mnist-captions", "mnist-captions-dit", "mnist-scenes", "mnist-scenes-slots",
+    assert PRETRAINED_MODELS == ("mnist-captions", "mnist-captions-dit", "mnist-scenes", "mnist-scenes-contrastive",
                                  "mnist-scenes-pooled", "mnist-scenes-pixel")
     assert pretrained_path() == pretrained_path("mnist-captions")
     assert pretrained_path("mnist-captions-dit").name == "mnist-captions-dit"

@@ -47,11 +47,11 @@ DEFAULT_RUN_DIR = "runs/mnist-captions"
 RECIPES = {"mnist-captions": "digits", "mnist-scenes": "scenes"}  # recipe -> RecipeConfig.data; OUT: runs/<recipe>
 # the pipelines shipped in tinydiff/pretrained/ (pipeline.PRETRAINED_MODELS), named here without importing NumPy
 SHIPPED_MODELS = {"mnist-captions": "U-Net", "mnist-captions-dit": "DiT", "mnist-scenes": "U-Net, scenes",
-                  "mnist-scenes-slots": "U-Net, scenes, token-level text objective",
+                  "mnist-scenes-contrastive": "U-Net, scenes, contrastive text encoder only",
                   "mnist-scenes-pooled": "U-Net, scenes, pooled prompt only",
                   "mnist-scenes-pixel": "U-Net, scenes, pixel space (no VAE)"}
 MODEL_HELP = ("a shipped model, mnist-captions (the U-Net), mnist-captions-dit (the DiT) or mnist-scenes (the U-Net "
-              "on scenes: \"a 3 left of a 7\"; mnist-scenes-slots, mnist-scenes-pooled and mnist-scenes-pixel, its ablations), or a pipeline folder "
+              "on scenes: \"a 3 left of a 7\"; mnist-scenes-contrastive, mnist-scenes-pooled and mnist-scenes-pixel, its ablations), or a pipeline folder "
               "(default: mnist-captions)")
 CONDITIONINGS = ("tokens", "pooled")  # tinydiff train --conditioning (pipeline.CONDITIONINGS)
 

@@ -120,7 +120,7 @@ COMPONENT_FILES = {"tokenizer": "tokenizer.json", "text_encoder": "text_encoder.
 # the denoiser network: its type (model_index.json's "denoiser", "unet" when absent) → its file; class and config
 DENOISER_FILES = {"unet": "unet.npz", "dit": "dit.npz"}
 DENOISERS = {"unet": (UNet, UNetConfig), "dit": (DiT, DiTConfig)}
-PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit", "mnist-scenes", "mnist-scenes-slots",
+PRETRAINED_MODELS = ("mnist-captions", "mnist-captions-dit", "mnist-scenes", "mnist-scenes-contrastive",
                      "mnist-scenes-pooled", "mnist-scenes-pixel")  # shipped in tinydiff/pretrained/
 OPTIONAL_FILES = {"image_encoder": "image_encoder.npz", "lcm_unet": "lcm_unet.npz"}  # saved when the pipeline has one
 LCM_SIGMA_SCHEDULE = "trailing"  # the σ grid of sampler="lcm" unless one is asked for (module docstring)
@@ -136,10 +136,10 @@ class PromptError(ValueError):
 def pretrained_path(name: str = "mnist-captions") -> Path:
     """The folder of a pipeline shipped inside the package: ``mnist-captions`` (the U-Net, trained
     by the default recipe), ``mnist-captions-dit`` (the DiT, ``--denoiser dit``), ``mnist-scenes``
-    (the U-Net of ``tinydiff train mnist-scenes``) or its ablations ``mnist-scenes-slots`` (the text
-    encoder trained with ``--text-objective slots``) and ``mnist-scenes-pooled`` (the U-Net reads
-    the pooled prompt only, ``--conditioning pooled``) and ``mnist-scenes-pixel`` (no VAE: the U-Net
-    draws the pictures themselves, ``--space pixel``)."""
+    (the U-Net of ``tinydiff train mnist-scenes``) or its ablations ``mnist-scenes-contrastive``
+    (the text encoder trained by InfoNCE alone, ``--text-objective contrastive``),
+    ``mnist-scenes-pooled`` (the U-Net reads the pooled prompt only, ``--conditioning pooled``) and
+    ``mnist-scenes-pixel`` (no VAE: the U-Net draws the pictures themselves, ``--space pixel``)."""
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"no shipped model named {name!r}; shipped: {', '.join(PRETRAINED_MODELS)}")
     return Path(str(resources.files("tinydiff") / "pretrained" / name))
