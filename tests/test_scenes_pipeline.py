@@ -539,7 +539,7 @@ def test_cli_loss_weighting_and_lr_reach_the_recipe_and_bad_values_are_one_line(
 
 def test_cli_mnist_scenes_defaults_are_the_scenes_recipe_and_each_can_be_ablated(tmp_path, capsys, monkeypatch):
     """tinydiff train mnist-scenes takes scenes_recipe()'s settings (slots, 8×8 attention, min-SNR,
-    lr 2e-3, 8,000 steps, guidance 4); mnist-captions keeps its own; each scenes default is undone
+    lr 2e-3, 11,000 steps, guidance 4); mnist-captions keeps its own; each scenes default is undone
     by its flag (the ablations); a DiT or pixel space keeps the scenes text objective and 4×4."""
     from tinydiff.train import recipes
 
@@ -553,7 +553,7 @@ def test_cli_mnist_scenes_defaults_are_the_scenes_recipe_and_each_can_be_ablated
 
     scenes = config("mnist-scenes")
     assert (scenes.data, scenes.text_objective, scenes.unet_attention, scenes.loss_weighting, scenes.unet_lr,
-            scenes.unet_steps, scenes.guidance_scale) == ("scenes", "slots", "8x8", "min_snr", 2e-3, 8000, 4.0)
+            scenes.unet_steps, scenes.guidance_scale) == ("scenes", "slots", "8x8", "min_snr", 2e-3, 11000, 4.0)
     assert scenes == recipes.scenes_recipe()
     digits = config("mnist-captions")
     assert digits == recipes.RecipeConfig()

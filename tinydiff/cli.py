@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unet (default; pipeline in OUT/model) or dit, the diffusion transformer (OUT/model-dit; "
                             "the shipped mnist-captions-dit's settings)")
     train.add_argument("--steps", type=int,
-                       help="steps of the denoiser stage (default: the recipe's, 6000; 8000 for mnist-scenes' U-Net); "
+                       help="steps of the denoiser stage (default: the recipe's, 6000; 11000 for mnist-scenes' U-Net); "
                             "with --resume a finished stage continues to this many, on the learning-rate schedule of "
                             "the new total")
     train.add_argument("--loss-weighting", metavar="W",
