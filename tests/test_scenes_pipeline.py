@@ -557,6 +557,8 @@ def test_cli_mnist_scenes_defaults_are_the_scenes_recipe_and_each_can_be_ablated
     assert scenes == recipes.scenes_recipe()
     digits = config("mnist-captions")
     assert digits == recipes.RecipeConfig()
+    assert config("mnist-captions", "--denoiser", "dit") == recipes.dit_recipe()
+    assert config("mnist-captions", "--space", "pixel") == recipes.pixel_recipe()
     assert (digits.text_objective, digits.unet_attention, digits.loss_weighting, digits.guidance_scale) == (
         "contrastive", "4x4", "plain", 2.0)
     ablated = config("mnist-scenes", "--text-objective", "contrastive", "--unet-attention", "4x4")

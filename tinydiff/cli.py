@@ -69,8 +69,8 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from .diffusion.noise import LOSS_WEIGHTINGS
-    from .train.recipes import (DENOISERS, SPACES, UNET_ATTENTIONS, RecipeConfig, dit_recipe, model_folder_name,
-                                pixel_recipe, quick_recipe, recipe_stages, scenes_recipe, train_mnist_captions)
+    from .train.recipes import (DENOISERS, SPACES, UNET_ATTENTIONS, digits_recipe, model_folder_name, quick_recipe,
+                                recipe_stages, scenes_recipe, train_mnist_captions)
 
     if args.recipe not in RECIPES:
         raise CLIError(f"unknown recipe {args.recipe!r}; available: {', '.join(RECIPES)}")
@@ -86,15 +86,11 @@ def cmd_train(args) -> int:
         raise CLIError(f"--unet-attention must be {' or '.join(UNET_ATTENTIONS)}, got {args.unet_attention!r}")
     if args.unet_attention == "8x8" and (args.denoiser != "unet" or args.space != "latent"):
         raise CLIError("--unet-attention 8x8 is for the latent U-Net; drop --denoiser dit and --space pixel")
-    scenes = RECIPES[args.recipe] == "scenes"
-    if scenes:
-        config = scenes_recipe(args.denoiser, args.space)
-    else:
-        config = dit_recipe() if args.denoiser == "dit" else pixel_recipe() if args.space == "pixel" else RecipeConfig()
+    recipe = scenes_recipe if RECIPES[args.recipe] == "scenes" else digits_recipe
+    config = recipe(args.denoiser, args.space)
     if args.quick:  # the recipe's choices of network and text objective, at smoke-run size
         config = replace(quick_recipe(), denoiser=config.denoiser, space=config.space, data=config.data,
                          text_objective=config.text_objective, unet_attention=config.unet_attention)
-    config.data = RECIPES[args.recipe]
     config.conditioning = args.conditioning
     if args.text_objective is not None:
         config.text_objective = args.text_objective

@@ -92,7 +92,6 @@ Folder layout::
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -190,6 +189,13 @@ def pixel_recipe() -> RecipeConfig:
     return RecipeConfig(space="pixel", unet_lr=2e-3, loss_weighting="min_snr")
 
 
+def digits_recipe(denoiser: str = "unet", space: str = "latent") -> RecipeConfig:
+    """The ``mnist-captions`` recipe's settings for a denoiser and a space (``tinydiff train
+    mnist-captions [--denoiser dit | --space pixel]``): ``dit_recipe()``, ``pixel_recipe()`` or the
+    defaults of ``RecipeConfig``."""
+    return dit_recipe() if denoiser == "dit" else pixel_recipe() if space == "pixel" else RecipeConfig()
+
+
 def scenes_recipe(denoiser: str = "unet", space: str = "latent") -> RecipeConfig:
     """The ``mnist-scenes`` recipe's settings (``tinydiff train mnist-scenes``): the changes that,
     together, make the latent U-Net place two digits by their roles (README, "Scenes"), each one an
@@ -209,12 +215,9 @@ def scenes_recipe(denoiser: str = "unet", space: str = "latent") -> RecipeConfig
     With ``denoiser="dit"`` or ``space="pixel"`` the denoiser's settings are ``dit_recipe``'s or
     ``pixel_recipe``'s (cross-attention levels are the latent U-Net's alone); the text objective
     and the guidance are the scenes recipe's."""
-    if denoiser == "dit":
-        base = dit_recipe()
-    elif space == "pixel":
-        base = pixel_recipe()
-    else:
-        base = RecipeConfig(unet_attention="8x8", loss_weighting="min_snr", unet_lr=2e-3, unet_steps=11000)
+    base = digits_recipe(denoiser, space)
+    if denoiser == "unet" and space == "latent":
+        base = replace(base, unet_attention="8x8", loss_weighting="min_snr", unet_lr=2e-3, unet_steps=11000)
     return replace(base, denoiser=denoiser, space=space, data="scenes", text_objective="slots", guidance_scale=4.0)
 
 
@@ -286,8 +289,10 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         raise RecipeError(f"unknown unet_attention {config.unet_attention!r}; valid: {', '.join(UNET_ATTENTIONS)}")
     if config.unet_attention != "4x4" and (config.denoiser != "unet" or config.space != "latent"):
         raise RecipeError("--unet-attention 8x8 is for the latent U-Net; drop it (or --denoiser dit, --space pixel)")
-    if not (math.isfinite(config.guidance_scale) and config.guidance_scale >= 0):
-        raise RecipeError(f"guidance_scale must be a finite number ≥ 0, got {config.guidance_scale}")
+    try:
+        defaults = SamplingDefaults(guidance_scale=config.guidance_scale)  # the other sampling defaults: the pipeline's
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     if config.text_objective not in TEXT_OBJECTIVES:
         raise RecipeError(f"unknown text objective {config.text_objective!r}; valid: {', '.join(TEXT_OBJECTIVES)}")
     if config.text_objective == "slots" and config.data != "scenes":
@@ -446,7 +451,6 @@ def train_mnist_captions(out_dir, *, stages=None, resume: bool = False, config: 
         student.load_state_dict(checkpoint_weights(load_checkpoint(paths["lcm"])[0], "last", path=paths["lcm"]))
 
     # -- assemble, save, and look --------------------------------------------------------------
-    defaults = SamplingDefaults(guidance_scale=config.guidance_scale)  # the other sampling defaults: the pipeline's
     pipe = TextToImagePipeline(tokenizer, text_encoder, unet, vae, diffusion.sampling_config(), defaults,
                                image_encoder=image_encoder, lcm_unet=student, config=pipeline_config(config))
     model_dir = out / model_folder_name(config)
