@@ -67,6 +67,7 @@ import numpy as np
 import bench_unet  # noqa: F401
 
 from tinydiff import cost
+from tinydiff.backend import FREED_MEMORY_KEPT
 
 CASES = ("unet-train", "dit-train", "vae-train", "text-train", "sample64", "dit-sample64")
 UNET_TRAIN_TARGET = 1.5  # tinydiff's U-Net (and DiT) training step within 1.5× PyTorch's eager time on 2 cores
@@ -483,7 +484,9 @@ def main() -> None:
 
     blas_env = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
     print(f"PyTorch {torch.__version__}, NumPy {np.__version__}, {os.cpu_count()} CPUs; "
-          f"OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}")
+          f"OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
+          f"malloc keeps freed memory (tinydiff.backend.FREED_MEMORY_KEPT, both libraries): "
+          f"{'yes' if FREED_MEMORY_KEPT else 'no'}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:

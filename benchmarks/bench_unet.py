@@ -61,7 +61,7 @@ SAMPLE_CASES = {"sample64": (None, 20), "lcm1": ("lcm", 1), "lcm2": ("lcm", 2), 
 
 def _synchronize() -> None:
     """Wait for queued GPU work (CuPy runs asynchronously); nothing to do on NumPy."""
-    from tinydiff.backend import get_backend
+    from tinydiff.backend import FREED_MEMORY_KEPT, get_backend
 
     if get_backend() == "cupy":
         import cupy
@@ -173,11 +173,11 @@ def main() -> None:
         return
 
     blas_env = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-    from tinydiff.backend import get_backend
+    from tinydiff.backend import FREED_MEMORY_KEPT, get_backend
 
     print(f"backend {get_backend()} (TINYDIFF_BACKEND), {'reference' if args.reference else 'fast'} layers; OpenBLAS guard variables set: {', '.join(blas_env) or 'none'}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"malloc keeps freed memory: {'yes' if FREED_MEMORY_KEPT else 'no'}; load average {os.getloadavg()[0]:.2f}")
     print(f"float32 GEMM 1024³: {gemm_rate(args.repeats):.1f} GFLOP/s")
     results = {}
     for case in [c for _ in range(args.rounds) for c in args.cases]:  # alternating rounds

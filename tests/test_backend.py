@@ -202,3 +202,35 @@ def test_map_row_pairs_gives_each_thread_both_halves_of_its_images_and_keeps_row
 
 def test_cpu_count_is_at_least_one():
     assert backend.cpu_count() >= 1
+
+
+FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+import tinydiff.backend as b
+counts = []
+for _ in range(4):  # a training step's pattern: tens of MB of arrays allocated, written, all freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones((1 + i % 4) << 18, dtype=np.float32) for i in range(24)]  # 1-4 MB each, 60 MB in all
+    del arrays
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(b.FREED_MEMORY_KEPT, max(counts[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory acts on glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults_unless_turned_off():
+    """After the first round, arrays of a repeated allocation pattern come from memory the process
+    kept (no page faults); with TINYDIFF_KEEP_FREED_MEMORY=0 malloc returns it to the OS and every
+    round faults again (about 15,000 times for 60 MB)."""
+    def run(value):
+        env = {**os.environ, "TINYDIFF_KEEP_FREED_MEMORY": value}
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=60, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept, faults = run("1")
+    assert kept and faults < 500  # 60 MB of fresh pages would be ~15,000 faults
+    kept, faults = run("0")
+    assert not kept and faults > 5000  # the pattern does fault when malloc is left alone

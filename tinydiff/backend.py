@@ -295,6 +295,53 @@ def map_row_pairs(fn, *arrays, threads: int | None = None):
         out[pick] = output  # back to [first half; second half]
     return out
 
+# --------------------------------------------------------------------------- freed memory
+#
+# A training step allocates its activations, caches and gradients afresh (tens of MB for the
+# latent U-Net at batch 64) and frees them after the backward pass. glibc's malloc hands large
+# freed blocks back to the operating system: blocks above its mmap threshold are unmapped, and
+# free memory at the top of its heap above the trim threshold is released. The next step then
+# writes fresh pages, and each 4 kB page costs a page fault and the kernel's zeroing of it:
+# 15,000-18,000 faults and about 35 ms of kernel time in a 150-170 ms training step on the
+# project's 2-core machines (benchmarks/README.md). ``keep_freed_memory`` raises both thresholds,
+# so freed blocks stay in the process and the next step reuses them: the numbers computed are the
+# same, the process keeps its peak memory until it exits. Done once at import on Linux (glibc);
+# elsewhere, or with TINYDIFF_KEEP_FREED_MEMORY=0 in the environment, malloc is left as it is.
+
+MMAP_THRESHOLD = 32 << 20  # bytes; glibc's largest allowed value: a block above it is still mapped afresh
+TRIM_THRESHOLD = 512 << 20  # bytes of free memory at the heap's top that malloc keeps instead of releasing
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (``mallopt``: mmap threshold 32 MB, trim
+    threshold 512 MB) instead of returning it to the OS after every step. True if both settings
+    were taken; False where there is no glibc (macOS, Windows, musl), changing nothing."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def _keep_freed_memory_from_env() -> bool:
+    """``keep_freed_memory()`` unless TINYDIFF_KEEP_FREED_MEMORY is 0 (or false, no)."""
+    if os.environ.get("TINYDIFF_KEEP_FREED_MEMORY", "").strip().lower() in ("0", "false", "no"):
+        return False
+    return keep_freed_memory()
+
+
+FREED_MEMORY_KEPT = _keep_freed_memory_from_env()  # whether malloc keeps freed memory in this process
+
+
 # --------------------------------------------------------------------------- reference or fast code
 #
 # Some operations exist twice: a reference written to be read (e.g. nn/conv.py: im2col over the

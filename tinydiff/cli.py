@@ -37,6 +37,9 @@ def cmd_info(args) -> int:
     print(f"threads  tinydiff runs BLAS on 1 thread and splits each batch over the {cores} CPU core(s) instead\n"
           "         (sampling: threads; U-Net training: processes, see tinydiff train --threads);\n"
           f"         BLAS's default here, for NumPy code outside tinydiff: {backend.blas_default_threads()} thread(s)")
+    print("memory   " + ("malloc keeps freed memory for reuse (no page faults on every step); "
+                          "TINYDIFF_KEEP_FREED_MEMORY=0 turns it off" if backend.FREED_MEMORY_KEPT else
+                          "malloc returns freed memory to the system (not glibc, or TINYDIFF_KEEP_FREED_MEMORY=0)"))
     print(f"cupy     {backend.cupy_status()}")
     print(f"models   shipped: {', '.join(f'{n} ({kind})' for n, kind in SHIPPED_MODELS.items())}; "
           "--model takes one of these names or a pipeline folder")
