@@ -11,8 +11,12 @@ Cases (float32, batch 64 unless said):
     pixel-eval    one denoiser evaluation (U-Net forward, no caches) on 1×32×32 pixels
     latent-eval   one denoiser evaluation on 4×8×8 latents, plus the VAE decoder it needs once
     sample64      TextToImagePipeline: 64 images, 20 DPM++ 2M Karras steps, guidance (one 128-row
-                  U-Net call per step, its rows split over --threads CPU threads, default one per
-                  core), text encoding and decoding included
+                  U-Net call per step), text encoding and decoding included; the U-Net's rows
+                  split over this process and one worker process per further core (or per further
+                  --threads): ``pipe.worker_processes()``, started before timing, as batch work
+                  such as ``tinydiff eval`` keeps them
+    sample64-threads   the same with the rows split over --threads CPU threads (default one per
+                  core): what a single call of the pipeline does, e.g. one ``tinydiff sample``
     lcm4          the same 64 images in 4 LCM steps (``sampler="lcm"``): the consistency-distilled
                   student takes the guidance scale as an input, so one 64-row call per step, 10×
                   fewer U-Net rows than sample64 (target: ≤ 0.25 s on 2 idle cores)
@@ -54,9 +58,10 @@ sys.path.insert(0, str(ROOT))
 
 from tinydiff import cost  # noqa: E402  (after the checkout is on the path)
 
-CASES = ("pixel-train", "latent-train", "pixel-eval", "latent-eval", "sample64", "lcm4")
-SAMPLE_CASES = {"sample64": (None, 20), "lcm1": ("lcm", 1), "lcm2": ("lcm", 2), "lcm4": ("lcm", 4),
-                "lcm8": ("lcm", 8)}  # case → (sampler, None: the model's default; steps)
+CASES = ("pixel-train", "latent-train", "pixel-eval", "latent-eval", "sample64", "sample64-threads", "lcm4")
+SAMPLE_CASES = {"sample64": (None, 20, True), "sample64-threads": (None, 20, False), "lcm1": ("lcm", 1, False),
+                "lcm2": ("lcm", 2, False), "lcm4": ("lcm", 4, False), "lcm8": ("lcm", 8, False)}
+# case → (sampler, None: the model's default; steps; worker processes?). LCM's student runs on threads.
 
 
 def _synchronize() -> None:
@@ -133,22 +138,25 @@ def _unet_case(kind: str, train: bool, batch: int, repeats: int) -> dict:
 
 
 def _sample_case(model: str | None, repeats: int, threads: int | None, sampler: str | None = None,
-                 steps: int = 20) -> dict:
+                 steps: int = 20, processes: bool = False) -> dict:
     from tinydiff.backend import cpu_count
     from tinydiff.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(model)
     pipe.threads = threads  # None: one block of U-Net rows per core
-    seconds = best_time(lambda: pipe("a handwritten 7", num_images=64, steps=steps, sampler=sampler, seed=0), repeats)
+    threads = cpu_count() if threads is None else threads
+    with pipe.worker_processes(threads - 1 if processes else 0):  # started before the clock, as batch work keeps them
+        seconds = best_time(lambda: pipe("a handwritten 7", num_images=64, steps=steps, sampler=sampler, seed=0),
+                            repeats)
     return {"images": 64, "steps": steps, "sampler": sampler or pipe.defaults.sampler,
-            "guidance_scale": pipe.defaults.guidance_scale, "seconds": seconds,
-            "threads": cpu_count() if threads is None else threads}
+            "guidance_scale": pipe.defaults.guidance_scale, "seconds": seconds, "threads": threads,
+            "rows_on": "process(es)" if processes and threads > 1 else "thread(s)"}
 
 
 def run_case(case: str, args) -> dict:
     if case in SAMPLE_CASES:
-        sampler, steps = SAMPLE_CASES[case]
-        result = _sample_case(args.model, args.repeats, args.threads, sampler, steps)
+        sampler, steps, processes = SAMPLE_CASES[case]
+        result = _sample_case(args.model, args.repeats, args.threads, sampler, steps, processes)
     else:
         kind, mode = case.split("-")
         result = _unet_case(kind, mode == "train", args.batch, args.repeats)
@@ -196,7 +204,7 @@ def main() -> None:
             results[case] = r
         if case in SAMPLE_CASES:
             print(f"{case:>13}: {r['seconds']:.2f} s for 64 images × {r['steps']} {r['sampler']} steps "
-                  f"(guidance {r['guidance_scale']}), U-Net rows on {r['threads']} thread(s), peak {r['peak_rss_mb']:.0f} MB, "
+                  f"(guidance {r['guidance_scale']}), U-Net rows on {r['threads']} {r['rows_on']}, peak {r['peak_rss_mb']:.0f} MB, "
                   f"load average {os.getloadavg()[0]:.2f}")
         else:
             print(f"{case:>13}: {r['seconds'] * 1e3:7.1f} ms/batch of {r['batch']}, {r['samples_per_s']:7.1f} samples/s, "
@@ -208,7 +216,7 @@ def main() -> None:
               f"{p['seconds'] / lat['seconds']:.1f}× the time; the VAE decoder adds "
               f"{lat['decoder_flops_per_sample'] / 1e6:.1f} MFLOP/sample once per image "
               f"({lat['decoder_seconds'] * 1e3:.0f} ms per batch)")
-    for case in [c for c in SAMPLE_CASES if c != "sample64" and c in results and "sample64" in results]:
+    for case in [c for c in SAMPLE_CASES if c.startswith("lcm") and c in results and "sample64" in results]:
         s, lcm = results["sample64"]["seconds"], results[case]["seconds"]
         print(f"{case} vs sample64 (best of {args.rounds} alternating round(s)): {lcm:.3f} s vs {s:.3f} s, "
               f"{s / lcm:.1f}× faster; load average now {os.getloadavg()[0]:.2f}")

@@ -320,6 +320,23 @@ def _write_images(images, output: Path, title: str) -> None:
     print(f"wrote {len(images)} image(s) to {output}")
 
 
+# Batch work samples on worker processes (TextToImagePipeline.worker_processes) from this many
+# images × steps: starting them costs about 0.5 s, and they save about 0.15-0.3 ms per image and
+# step against threads on 2 cores (64 images in 20 steps: 0.88-0.92 s against 1.11-1.32 s), so
+# they pay for themselves from about 2,000-3,500; below, the pipeline's threads run.
+WORKER_MIN_IMAGE_STEPS = 4000
+
+
+def _batch_workers(pipe, image_steps: int, sampler: str | None):
+    """``pipe.worker_processes()`` for a job of ``image_steps`` images × steps that wins back the
+    workers' start, else a block that changes nothing (LCM runs its student on threads)."""
+    import contextlib
+
+    if image_steps < WORKER_MIN_IMAGE_STEPS or (sampler or pipe.defaults.sampler) == "lcm":
+        return contextlib.nullcontext(pipe)
+    return pipe.worker_processes()
+
+
 def cmd_sample(args) -> int:
     from tqdm import tqdm
 
@@ -327,7 +344,8 @@ def cmd_sample(args) -> int:
         raise CLIError(f"--num-images must be at least 1, got {args.num_images}")
     _check_sampling_args(args)
     pipe, steps, _ = _load_for_sampling(args)
-    with tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True) as bar:
+    with _batch_workers(pipe, args.num_images * steps, args.sampler), \
+            tqdm(total=steps, desc="sampling", unit="step", dynamic_ncols=True) as bar:
         images = pipe(args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=steps,
                       sampler=args.sampler, sigma_schedule=args.sigma_schedule, guidance_scale=args.guidance,
                       sigma_max=args.sigma_max, seed=args.seed, callback=lambda info: bar.update(1))
@@ -486,7 +504,8 @@ def cmd_eval(args) -> int:
     args.n_per_digit = 100 if args.n_per_digit is None else args.n_per_digit
     args.n_attribute = 20 if args.n_attribute is None else args.n_attribute
     total = 10 * args.n_per_digit + 20 * args.n_attribute
-    with tqdm(total=total, desc="generating", unit="img", dynamic_ncols=True) as bar:
+    with _batch_workers(pipe, total * (args.steps or pipe.defaults.steps), sampler), \
+            tqdm(total=total, desc="generating", unit="img", dynamic_ncols=True) as bar:
         results = evaluate_pipeline(pipe, n_per_digit=args.n_per_digit, n_attribute=args.n_attribute,
                                     seed=args.seed, progress=bar.update, steps=args.steps, sampler=args.sampler,
                                     guidance_scale=args.guidance)
@@ -525,7 +544,8 @@ def _eval_scenes(args, pipe, sampler: str) -> int:
     prompts = evaluation_prompts(n)
     classifier = load_classifier()
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="generating", unit="img", dynamic_ncols=True) as bar:
+    with _batch_workers(pipe, len(prompts) * (args.steps or pipe.defaults.steps), sampler), \
+            tqdm(total=len(prompts), desc="generating", unit="img", dynamic_ncols=True) as bar:
         generate = pipeline_generator(pipe, seed=args.seed, progress=bar.update, steps=args.steps,
                                       sampler=args.sampler, guidance_scale=args.guidance)
         results = evaluate_scenes(generate, prompts, classifier=classifier, batch_size=SCENE_BATCH)

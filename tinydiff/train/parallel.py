@@ -39,13 +39,13 @@ import weakref
 import numpy as np
 
 from ..backend import blas_threads, row_blocks
-from ..nn import Module, mse_loss
+from ..nn import Module, mse_loss, no_grad
 
 _ALIGN = 64  # bytes: each parameter's view starts on a cache line
 
 
 class WorkerError(RuntimeError):
-    """A gradient worker process failed or stopped."""
+    """A worker process (training's gradients or sampling's rows) failed or stopped."""
 
 
 def _layout(params) -> tuple[list[tuple[int, tuple, str]], int]:
@@ -185,16 +185,17 @@ class GradientWorkers:
         except (EOFError, ConnectionError):  # ConnectionResetError: it died with a message of ours unread
             process.join(timeout=5)
             raise WorkerError(
-                f"gradient worker {k + 1} stopped (exit code {process.exitcode}). If this runs from "
-                "a script, start training under `if __name__ == \"__main__\":` (workers are spawned and import "
-                "the script), or train with threads=1") from None
+                f"worker process {k + 1} stopped (exit code {process.exitcode}). If this runs from a script, "
+                "start training or sampling under `if __name__ == \"__main__\":` (workers are spawned and import "
+                "the script), or use threads=1 (training) / no worker_processes() (sampling)") from None
         if not ok:
-            raise WorkerError(f"gradient worker {k + 1} failed:\n{value}")
+            raise WorkerError(f"worker {k + 1} failed:\n{value}")
         return value
 
-    def run(self, step, blocks: list[tuple]) -> list:
+    def run(self, step, blocks: list[tuple], grads: bool = True) -> list:
+        """The calls' results in block order; ``grads=False`` (inference) leaves the gradients alone."""
         if self.closed:
-            raise WorkerError("these gradient workers were stopped; start new ones")
+            raise WorkerError("these worker processes were stopped; start new ones")
         if len(blocks) != len(self._conns) + 1:
             raise ValueError(f"run needs {len(self._conns) + 1} blocks (this process and each worker), got {len(blocks)}")
         self._share_weights()
@@ -212,10 +213,11 @@ class GradientWorkers:
             # the shared blocks, where the next step would read them: stop the workers instead.
             self.close()
             raise
-        for p, *theirs in zip(self.params, *self._grads):
-            for grad in theirs:
-                p.grad += grad
-                grad[...] = 0
+        if grads:
+            for p, *theirs in zip(self.params, *self._grads):
+                for grad in theirs:
+                    p.grad += grad
+                    grad[...] = 0
         return results
 
     @property
@@ -267,3 +269,52 @@ class ParallelDiffusionStep:
         """Stop the workers, if any are running."""
         if self.workers is not None:
             self.workers.close()
+
+
+# --------------------------------------------------------------------------- sampling's rows
+
+def forward_rows(net, x, t, context):
+    """``net(x, t, context)`` in inference mode on one block of rows; runs in a worker or here."""
+    with no_grad():
+        return net(x, t, context)
+
+
+class ForwardWorkers:
+    """The denoiser's forward pass over several processes, for batch sampling: the rows of each
+    call are cut into ``count`` + 1 blocks, one computed here and one in each worker process.
+
+    Threads (``backend.map_rows``) share one interpreter lock among the thousands of small NumPy
+    calls of a forward pass; processes do not. Starting the workers costs about a second (each
+    imports tinydiff and receives the network), which a single image never wins back: the
+    pipeline uses them only when asked (``TextToImagePipeline.worker_processes``), for batch work.
+    With ``pairs=True`` (classifier-free guidance: rows ``[unconditional; conditional]`` of the same
+    images) each block takes the same images from both halves, like ``backend.map_row_pairs``.
+    The result equals ``net(x, t, context)`` row for row.
+    """
+
+    def __init__(self, net: Module, count: int):
+        self.workers = GradientWorkers(net, count)
+        self.blocks = count + 1
+
+    def __call__(self, x, t, context, pairs: bool = False):
+        rows = x.shape[0]
+        half = rows // 2
+        if pairs and rows % 2 == 0 and half >= self.blocks:
+            picks = [np.r_[b, b.start + half: b.stop + half] for b in row_blocks(half, self.blocks)]
+        elif rows >= self.blocks:
+            picks = [np.arange(b.start, b.stop) for b in row_blocks(rows, self.blocks)]
+        else:
+            return forward_rows(self.workers.model, x, t, context)
+        outputs = self.workers.run(forward_rows, [(x[pick], t[pick], None if context is None else context[pick])
+                                                  for pick in picks], grads=False)
+        out = np.empty((rows,) + outputs[0].shape[1:], dtype=outputs[0].dtype)
+        for pick, output in zip(picks, outputs):
+            out[pick] = output  # back in the caller's row order
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.workers.closed
+
+    def close(self) -> None:
+        self.workers.close()
