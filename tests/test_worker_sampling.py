@@ -115,3 +115,21 @@ def test_cli_eval_samples_on_workers(worker_spy, monkeypatch):
     with pytest.raises(_Stop):
         cli.main(["eval", "--n-per-digit", "2", "--n-attribute", "1", "--steps", "1"])  # 40 image-steps
     assert seen == [1, 1]  # no new block
+
+
+def test_a_worker_that_stops_during_eval_is_one_line_with_exit_status_2(monkeypatch, capsys):
+    """A worker process that dies mid-batch (killed, out of memory) ends tinydiff eval with the
+    worker's one-line error, not a traceback."""
+    from tinydiff import cli, evaluate
+    from tinydiff.train.parallel import WorkerError
+
+    message = "worker process 1 stopped (exit code -9)"
+
+    def dead(pipe, **kwargs):
+        raise WorkerError(message)
+
+    monkeypatch.setattr(evaluate, "evaluate_pipeline", dead)
+    monkeypatch.setattr(cli, "WORKER_MIN_IMAGE_STEPS", 10**9)  # no processes needed to raise it
+    assert cli.main(["eval"]) == 2
+    err = capsys.readouterr().err  # the progress bar's line, then the error
+    assert err.strip().splitlines()[-1] == f"tinydiff: error: {message}" and "Traceback" not in err

@@ -766,9 +766,10 @@ def _lazy_errors() -> tuple:
     from .editing import EditInputError
     from .pipeline import PromptError
     from .train.loop import TrainingDiverged
+    from .train.parallel import WorkerError
     from .train.recipes import RecipeError
 
-    return (DatasetError, EditInputError, PromptError, RecipeError, TrainingDiverged)
+    return (DatasetError, EditInputError, PromptError, RecipeError, TrainingDiverged, WorkerError)
 
 
 if __name__ == "__main__":

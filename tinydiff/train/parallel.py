@@ -284,7 +284,7 @@ class ForwardWorkers:
     call are cut into ``count`` + 1 blocks, one computed here and one in each worker process.
 
     Threads (``backend.map_rows``) share one interpreter lock among the thousands of small NumPy
-    calls of a forward pass; processes do not. Starting the workers costs about a second (each
+    calls of a forward pass; processes do not. Starting the workers costs about half a second (each
     imports tinydiff and receives the network), which a single image never wins back: the
     pipeline uses them only when asked (``TextToImagePipeline.worker_processes``), for batch work.
     With ``pairs=True`` (classifier-free guidance: rows ``[unconditional; conditional]`` of the same
