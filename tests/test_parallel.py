@@ -162,3 +162,27 @@ def test_ctrl_c_is_left_to_the_main_process(data, capfd):
         workers.close()
     assert workers._processes[0].exitcode == 0
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_workers_start_after_a_forward_pass_that_kept_its_caches():
+    """Regression: the replica was pickled with the caches a forward pass keeps for backward (a
+    U-Net's hold the layer module that ran, which cannot be pickled), so workers started after a
+    forward with gradients on failed with "cannot pickle 'module' object". The caches stay out of
+    the pickle and in the model, whose backward still runs."""
+    import pickle
+
+    from tinydiff.models import UNet
+    from tinydiff.train.latent_unet import latent_unet_config
+
+    unet = UNet(latent_unet_config(), seed=0)
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    context = gen.standard_normal((2, 16, 64)).astype(np.float32)
+    out = unet(x, np.array([10.0, 900.0], np.float32), context)  # gradients on: every layer keeps a cache
+    replica = pickle.loads(pickle.dumps(unet))
+    assert all(getattr(m, "_cache", None) is None for m in replica.modules())
+    assert any(getattr(m, "_cache", None) is not None for m in unet.modules())
+    workers = GradientWorkers(unet, 1)
+    workers.close()
+    unet.backward(np.ones_like(out))  # the model's own caches were left alone
+    assert float(np.abs(unet.conv_in.weight.grad).sum()) > 0

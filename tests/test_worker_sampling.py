@@ -58,6 +58,34 @@ def test_no_workers_outside_the_block_or_on_one_core(pipe):
     with pipe.worker_processes(0):  # one core: nothing to share out
         assert pipe._workers is None
     assert pipe._workers is None
+    pipe.threads = 1  # the default count follows pipe.threads: one thread, no worker
+    try:
+        with pipe.worker_processes():
+            assert pipe._workers is None
+    finally:
+        pipe.threads = None
+
+
+def test_with_guidance_each_block_holds_both_halves_of_its_images(pipe):
+    """pairs=True: the block computed here is [unconditional; conditional] rows of the same images,
+    so the U-Net can run their shared start once (UNet._guidance_halves); pairs=False: plain blocks."""
+    net = pipe.denoiser_net
+    gen = np.random.default_rng(1)
+    x = gen.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    x2, t2 = np.concatenate([x, x]), np.full(8, 500.0, np.float32)
+    c2 = np.concatenate([net.null_context(4), pipe.encode_prompt(["a 1", "a 2", "a 3", "a 4"])])
+    workers = ForwardWorkers(net, 1)
+    seen = []
+    try:
+        forward = net.forward  # wrapped after the replica was sent: the block computed here is recorded
+        net.forward = lambda x_, *args: seen.append(x_.copy()) or forward(x_, *args)
+        workers(x2, t2, c2, pairs=True)
+        workers(x2, t2, c2, pairs=False)
+    finally:
+        del net.forward
+        workers.close()
+    assert np.array_equal(seen[0], np.concatenate([x[:2], x[:2]]))  # images 0, 1 from both halves
+    assert np.array_equal(seen[1], x2[:4])  # rows 0-3: the first half only
 
 
 class _Stop(Exception):

@@ -120,6 +120,14 @@ class Module:
     def __call__(self, *inputs, **kwargs):
         return self.forward(*inputs, **kwargs)
 
+    def __getstate__(self):
+        """What pickling (and ``copy.deepcopy``) keeps: everything but the caches of a forward pass
+        (``_cache``, and ``_…_cache`` of modules with several), which are scratch for the backward
+        pass that follows it, not part of the module, and may hold what cannot be pickled (the
+        fast or reference layer module that ran). Worker processes get their replica this way."""
+        return {k: v for k, v in self.__dict__.items()
+                if not (k == "_cache" or (k.startswith("_") and k.endswith("_cache")))}
+
     # -- traversal -----------------------------------------------------------------------
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
         for name, value in vars(self).items():
