@@ -318,18 +318,17 @@ def keep_freed_memory() -> bool:
     threshold 512 MB) instead of returning it to the OS after every step. True if both settings
     were taken; False where there is no glibc (macOS, Windows, musl), changing nothing."""
     import ctypes
-    import ctypes.util
-    import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    try:  # glibc names itself here ("glibc 2.36"); elsewhere this fails or says something else
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt  # libc's symbols, through the running program
+    except (ValueError, OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1  # mallopt returns 1 on success
+    trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return mmap_set and trim_set
 
 
 def _keep_freed_memory_from_env() -> bool:

@@ -35,7 +35,8 @@ def cmd_info(args) -> int:
     print(f"scipy    {scipy.__version__}")
     print(f"backend  {backend.get_backend()} (set TINYDIFF_BACKEND=numpy|cupy or --backend)")
     print(f"threads  tinydiff runs BLAS on 1 thread and splits each batch over the {cores} CPU core(s) instead\n"
-          "         (sampling: threads; U-Net training: processes, see tinydiff train --threads);\n"
+          "         (sampling: threads for one call, worker processes for batch work such as tinydiff eval;\n"
+          "         U-Net training: processes, see tinydiff train --threads);\n"
           f"         BLAS's default here, for NumPy code outside tinydiff: {backend.blas_default_threads()} thread(s)")
     print("memory   " + ("malloc keeps freed memory for reuse (no page faults on every step); "
                           "TINYDIFF_KEEP_FREED_MEMORY=0 turns it off" if backend.FREED_MEMORY_KEPT else
@@ -504,12 +505,12 @@ def cmd_eval(args) -> int:
     args.n_per_digit = 100 if args.n_per_digit is None else args.n_per_digit
     args.n_attribute = 20 if args.n_attribute is None else args.n_attribute
     total = 10 * args.n_per_digit + 20 * args.n_attribute
-    with _batch_workers(pipe, total * (args.steps or pipe.defaults.steps), sampler), \
+    steps = args.steps or pipe.defaults.steps
+    with _batch_workers(pipe, total * steps, sampler), \
             tqdm(total=total, desc="generating", unit="img", dynamic_ncols=True) as bar:
         results = evaluate_pipeline(pipe, n_per_digit=args.n_per_digit, n_attribute=args.n_attribute,
                                     seed=args.seed, progress=bar.update, steps=args.steps, sampler=args.sampler,
                                     guidance_scale=args.guidance)
-    steps = args.steps or pipe.defaults.steps
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
     schedule = "trailing" if sampler == "lcm" else pipe.defaults.sigma_schedule
     print(f"\n{sampler} / {schedule}, {steps} steps, guidance "
@@ -543,15 +544,15 @@ def _eval_scenes(args, pipe, sampler: str) -> int:
     n = SCENE_PROMPTS_PER_KIND if args.n_per_kind is None else args.n_per_kind
     prompts = evaluation_prompts(n)
     classifier = load_classifier()
+    steps = args.steps or pipe.defaults.steps
     start = time.perf_counter()
-    with _batch_workers(pipe, len(prompts) * (args.steps or pipe.defaults.steps), sampler), \
+    with _batch_workers(pipe, len(prompts) * steps, sampler), \
             tqdm(total=len(prompts), desc="generating", unit="img", dynamic_ncols=True) as bar:
         generate = pipeline_generator(pipe, seed=args.seed, progress=bar.update, steps=args.steps,
                                       sampler=args.sampler, guidance_scale=args.guidance)
         results = evaluate_scenes(generate, prompts, classifier=classifier, batch_size=SCENE_BATCH)
     seconds = time.perf_counter() - start
     floor = scene_floor(n, classifier=classifier)  # the same prompts (evaluation_prompts(n)); ~5 s per 100
-    steps = args.steps or pipe.defaults.steps
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
     schedule = "trailing" if sampler == "lcm" else pipe.defaults.sigma_schedule
     print(f"\n{sampler} / {schedule}, {steps} steps, guidance {guidance}, sigma_max {pipe.defaults.sigma_max}, "

@@ -125,8 +125,7 @@ class Module:
         (``_cache``, and ``_…_cache`` of modules with several), which are scratch for the backward
         pass that follows it, not part of the module, and may hold what cannot be pickled (the
         fast or reference layer module that ran). Worker processes get their replica this way."""
-        return {k: v for k, v in self.__dict__.items()
-                if not (k == "_cache" or (k.startswith("_") and k.endswith("_cache")))}
+        return {k: v for k, v in self.__dict__.items() if not (k.startswith("_") and k.endswith("_cache"))}
 
     # -- traversal -----------------------------------------------------------------------
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
