@@ -161,3 +161,39 @@ def test_a_worker_that_stops_during_eval_is_one_line_with_exit_status_2(monkeypa
     assert cli.main(["eval"]) == 2
     err = capsys.readouterr().err  # the progress bar's line, then the error
     assert err.strip().splitlines()[-1] == f"tinydiff: error: {message}" and "Traceback" not in err
+
+
+def test_a_nested_block_keeps_the_outer_workers_and_callbacks_keep_the_rows_here(pipe, monkeypatch):
+    """A second worker_processes() inside the first starts nothing and stops nothing; with an
+    attention callback watching, the rows stay in this process (the callback sees every row) even
+    inside the block."""
+    with pipe.worker_processes(1):
+        outer = pipe._workers
+        with pipe.worker_processes(1):
+            assert pipe._workers is outer
+        assert pipe._workers is outer and not outer.closed
+        calls = []
+        monkeypatch.setattr(ForwardWorkers, "__call__", lambda self, *a, **k: calls.append(1))
+        rows = []
+        pipe.unet.set_attention_callback(lambda name, probs: rows.append(probs.shape[0]))
+        try:
+            pipe("a 7", num_images=2, steps=1, seed=0)
+        finally:
+            pipe.unet.set_attention_callback(None)
+        assert calls == [] and rows and set(rows) == {4}  # 2 images × 2 guidance halves, one call
+    assert outer.closed
+
+
+def test_fewer_rows_than_blocks_run_here(pipe):
+    """One row for two blocks: computed in this process, the same numbers as a direct call."""
+    net = pipe.denoiser_net
+    x = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    t, context = np.array([300.0], np.float32), pipe.encode_prompt(["a 5"])
+    workers = ForwardWorkers(net, 1)
+    try:
+        got = workers(x, t, context)
+    finally:
+        workers.close()
+    from tinydiff.nn import no_grad
+    with no_grad():
+        np.testing.assert_array_equal(got, net(x, t, context))
